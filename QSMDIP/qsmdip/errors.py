@@ -1,0 +1,14 @@
+"""Exceptions raised at the library's boundary.
+
+Every error a user can cause (bad file, wrong units, empty mask...) is a ``QSMInputError`` with a
+one-line message that names the bad value. The command line and the background worker turn it into a
+clear message and a non-zero exit status instead of a traceback.
+"""
+
+
+class QSMInputError(ValueError):
+    """The user's input cannot be reconstructed as given (the message says why and what to do)."""
+
+
+class MissingDependencyError(RuntimeError):
+    """A package the requested operation needs (e.g. torch, SimpleITK) is not installed."""

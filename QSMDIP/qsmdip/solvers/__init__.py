@@ -1,0 +1,1 @@
+"""QSM dipole-inversion solvers sharing one call shape (see ``base.py``)."""
