@@ -12,3 +12,12 @@ class QSMInputError(ValueError):
 
 class MissingDependencyError(RuntimeError):
     """A package the requested operation needs (e.g. torch, SimpleITK) is not installed."""
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for GPU or host out-of-memory errors, whatever the framework calls them."""
+    if isinstance(error, MemoryError):
+        return True
+    text = str(error).lower()
+    return (type(error).__name__ == "OutOfMemoryError" or "out of memory" in text
+            or "can't allocate memory" in text or "not enough memory" in text)

@@ -1,1 +1,63 @@
-"""QSM dipole-inversion solvers sharing one call shape (see ``base.py``)."""
+"""QSM dipole-inversion solvers sharing one call shape (see ``base.py``).
+
+``METHODS`` names them; :func:`make_settings` builds a method's settings dataclass from a preset and
+overrides (command-line flags and the Slicer panel map onto its fields), and :func:`get_solver` returns
+the solve function.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any, Callable, Dict, Optional
+
+from ..errors import QSMInputError
+
+#: method name -> (module, solve function, settings class)
+_REGISTRY = {
+    "dip": ("dip", "solve_dip", "DIPSettings"),
+    "tkd": ("tkd", "solve_tkd", "TKDSettings"),
+    "tikhonov": ("tikhonov", "solve_tikhonov", "TikhonovSettings"),
+    "tv": ("tv", "solve_tv", "TVSettings"),
+}
+METHODS = tuple(_REGISTRY)
+
+
+def _module(method: str):
+    key = str(method).strip().lower()
+    if key not in _REGISTRY:
+        raise QSMInputError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+    return key, importlib.import_module(f"{__name__}.{_REGISTRY[key][0]}")
+
+
+def get_solver(method: str) -> Callable:
+    """The ``solve_<method>`` function for a method name."""
+    key, mod = _module(method)
+    return getattr(mod, _REGISTRY[key][1])
+
+
+def settings_class(method: str) -> type:
+    """The settings dataclass of a method."""
+    key, mod = _module(method)
+    return getattr(mod, _REGISTRY[key][2])
+
+
+def presets(method: str) -> Dict[str, Any]:
+    """Named presets of a method (only DIP has several; the others have 'default')."""
+    key, mod = _module(method)
+    return dict(getattr(mod, "PRESETS", {"default": settings_class(key)()}))
+
+
+def make_settings(method: str, preset: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None):
+    """Settings for ``method``: its ``preset`` (default 'default') with ``overrides`` applied by field name."""
+    key, _ = _module(method)
+    available = presets(key)
+    name = preset or "default"
+    if name not in available:
+        raise QSMInputError(f"unknown preset {name!r} for method {key}: use one of {', '.join(sorted(available))}")
+    base = available[name]
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    fields = {f.name for f in dataclasses.fields(base)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise QSMInputError(f"method {key} has no setting {', '.join(unknown)}: its settings are {', '.join(sorted(fields))}")
+    return dataclasses.replace(base, **overrides)

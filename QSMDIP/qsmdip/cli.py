@@ -1,0 +1,316 @@
+"""The ``qsmdip`` command line: phantom, reconstruct, evaluate, demo.
+
+A thin layer over the library: flags map onto :class:`runner.ReconstructionRequest` and the solvers'
+settings fields; every user error ends in one line on stderr and exit status 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+from typing import List, Optional, Sequence
+
+from .errors import MissingDependencyError, QSMInputError, is_out_of_memory
+
+EXIT_INPUT = 2
+log = logging.getLogger("qsmdip")
+
+
+def _floats(text: str, count: int, name: str) -> tuple:
+    try:
+        values = [float(v) for v in str(text).replace("x", ",").split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{name} must be numbers separated by commas, got {text!r}")
+    if len(values) == 1:
+        values = values * count
+    if len(values) != count:
+        raise argparse.ArgumentTypeError(f"{name} needs 1 or {count} values, got {text!r}")
+    return tuple(values)
+
+
+def voxel_arg(text: str) -> tuple:
+    return _floats(text, 3, "--voxel")
+
+
+def size_arg(text: str) -> tuple:
+    values = _floats(text, 3, "--size")
+    if any(v < 8 or v != int(v) for v in values):
+        raise argparse.ArgumentTypeError(f"--size must be whole numbers of at least 8 voxels, got {text!r}")
+    return tuple(int(v) for v in values)
+
+
+def direction_arg(text: str) -> tuple:
+    return _floats(text, 3, "--b0-direction")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .solvers import METHODS
+    from .units import FIELD_UNITS
+
+    parser = argparse.ArgumentParser(
+        prog="qsmdip",
+        description="Quantitative susceptibility mapping from a local field map by Deep Image Prior, "
+                    "with TKD, Tikhonov and total-variation baselines.")
+    parser.add_argument("--verbose", "-v", action="store_true", help="log details to stderr")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    ph = sub.add_parser("phantom", help="write a numerical head phantom (field, mask, true chi)",
+                        description="Write a numerical head phantom: field.nii.gz (local field), "
+                                    "mask.nii.gz (brain mask), chi.nii.gz (true susceptibility, ppm), "
+                                    "labels.nii.gz (tissue labels).")
+    ph.add_argument("outdir", help="folder to write into (created if missing)")
+    ph.add_argument("--voxel", type=voxel_arg, default=(2.0, 2.0, 2.0),
+                    help="voxel size in mm, one value or i,j,k (default 2)")
+    ph.add_argument("--size", type=size_arg, default=None,
+                    help="matrix size, one value or i,j,k (default: a whole head at the given voxel size)")
+    ph.add_argument("--oblique", type=float, default=0.0, metavar="DEG",
+                    help="tilt the slices by DEG degrees about the i axis; the file's direction matrix "
+                         "records it, so B0 is oblique in the voxel frame (default 0: axial)")
+    ph.add_argument("--snr", type=float, default=None,
+                    help="add Gaussian noise to the field: SNR = rms(field in mask) / noise std (default: none)")
+    ph.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    ph.add_argument("--units", choices=FIELD_UNITS, default="ppm",
+                    help="unit of the written field (hz needs --b0; rad needs --b0 and --te); default ppm")
+    ph.add_argument("--b0", type=float, default=None, help="B0 field strength in tesla (for --units hz/rad)")
+    ph.add_argument("--te", type=float, default=None, help="echo time in seconds (for --units rad)")
+    ph.add_argument("--format", choices=("nii.gz", "nrrd"), default="nii.gz", help="file format (default nii.gz)")
+
+    rc = sub.add_parser("reconstruct", help="reconstruct a QSM from a local field map and a mask",
+                        description="Reconstruct a susceptibility map (ppm) with the geometry of the field.")
+    rc.add_argument("--field", required=True, help="local field map (NIfTI or NRRD)")
+    rc.add_argument("--mask", required=True, help="brain mask (non-zero inside)")
+    rc.add_argument("--out", required=True, help="output QSM file (ppm, float32)")
+    rc.add_argument("--method", choices=METHODS, default="dip",
+                    help="dip (default), or the classical tkd, tikhonov, tv")
+    rc.add_argument("--preset", default=None,
+                    help="settings preset (dip: 'default' or 'original', the original method's settings)")
+    rc.add_argument("--units", choices=FIELD_UNITS, default="ppm",
+                    help="unit of the field: ppm (default), hz (needs --b0), rad (needs --b0 and --te)")
+    rc.add_argument("--b0", type=float, default=None, help="B0 field strength in tesla")
+    rc.add_argument("--te", type=float, default=None, help="echo time in seconds (not ms)")
+    rc.add_argument("--b0-direction", type=direction_arg, default=None, metavar="X,Y,Z",
+                    help="main-field direction in the file's world frame (LPS); default: the scanner's "
+                         "superior axis, so B0 follows the image's direction matrix")
+    rc.add_argument("--reference", default=None, help="known susceptibility to score against (ppm)")
+    rc.add_argument("--snapshots", default=None, metavar="DIR", help="write the estimate every --every iterations here")
+    rc.add_argument("--every", type=int, default=10, metavar="K", help="snapshot / progress interval (default 10)")
+    rc.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, mps")
+    rc.add_argument("--iterations", type=int, default=None, help="iterations (iterative methods)")
+    rc.add_argument("--seed", type=int, default=None, help="random seed (dip)")
+    rc.add_argument("--max-seconds", type=float, default=None, help="wall-time limit in seconds (iterative methods)")
+    rc.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                    help="override any setting of the method, e.g. --set learning_rate=0.002 (repeatable)")
+    rc.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    ev = sub.add_parser("evaluate", help="score a QSM against a reference (QSM-challenge metrics)",
+                        description="NRMSE %%, HFEN %%, SSIM, XSIM, PSNR and Pearson correlation inside the mask.")
+    ev.add_argument("--qsm", required=True, help="QSM to score (ppm)")
+    ev.add_argument("--reference", required=True, help="reference susceptibility (ppm)")
+    ev.add_argument("--mask", required=True, help="mask (non-zero inside)")
+    ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    dm = sub.add_parser("demo", help="phantom -> TKD and DIP -> metrics table and a PNG of middle slices",
+                        description="Make a head phantom, reconstruct it with TKD and DIP, print the metrics "
+                                    "and write a PNG comparing truth, TKD, DIP and the DIP error.")
+    dm.add_argument("--outdir", default="qsmdip-demo", help="folder for the files and the PNG (default qsmdip-demo)")
+    dm.add_argument("--voxel", type=voxel_arg, default=(3.0, 3.0, 3.0), help="phantom voxel size in mm (default 3)")
+    dm.add_argument("--iterations", type=int, default=None, help="DIP iterations (default: the preset's)")
+    dm.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    dm.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _parse_overrides(pairs: Sequence[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise QSMInputError(f"--set expects NAME=VALUE, got {pair!r}")
+        name, value = pair.split("=", 1)
+        try:
+            out[name.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[name.strip()] = value
+    return out
+
+
+def cmd_phantom(args) -> int:
+    import numpy as np
+
+    from . import io as qio
+    from .geometry import b0_direction_in_voxel_frame
+    from .phantom import make_head_phantom
+    from .units import ppm_to_unit
+
+    angle = math.radians(args.oblique)
+    c, s = math.cos(angle), math.sin(angle)
+    direction = np.array([[1, 0, 0], [0, c, -s], [0, s, c]], dtype=float)
+    b0_dir = b0_direction_in_voxel_frame(direction)
+    phantom = make_head_phantom(args.size, args.voxel, b0_dir=b0_dir, snr=args.snr, seed=args.seed)
+    field = ppm_to_unit(phantom.field_ppm, args.units, args.b0, args.te)
+    os.makedirs(args.outdir, exist_ok=True)
+    geometry = dict(spacing_mm=args.voxel, origin=(0.0, 0.0, 0.0), direction=direction)
+    written = []
+    for name, array in (("field", field), ("mask", phantom.mask.astype(np.float32)),
+                        ("chi", phantom.chi_ppm), ("labels", phantom.labels.astype(np.float32))):
+        path = os.path.join(args.outdir, f"{name}.{args.format}")
+        qio.write_volume(path, array, **geometry)
+        written.append(path)
+    print(f"phantom {phantom.chi_ppm.shape} at {args.voxel} mm, B0 in voxel frame "
+          f"({b0_dir[0]:.3f}, {b0_dir[1]:.3f}, {b0_dir[2]:.3f}), field in {args.units}:")
+    for path in written:
+        print(f"  {path}")
+    return 0
+
+
+class ProgressBar:
+    """tqdm progress bar fed by the runner's listener hooks."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.bar = None
+        self.last = 0
+
+    def started(self, info):
+        for warning in info.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        print(f"{info.method}: {info.device}", file=sys.stderr)
+        if self.enabled and info.max_iterations > 0:
+            from tqdm import tqdm
+            self.bar = tqdm(total=info.max_iterations, unit="it", file=sys.stderr, dynamic_ncols=True)
+
+    def progress(self, progress):
+        if self.bar is not None:
+            self.bar.update(progress.iteration - self.last)
+            self.last = progress.iteration
+            self.bar.set_postfix(loss=f"{progress.loss:.3g}")
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def cmd_reconstruct(args) -> int:
+    from .runner import ReconstructionRequest, RunListener, run_reconstruction
+
+    overrides = _parse_overrides(args.set)
+    if args.seed is not None:
+        overrides["seed"] = args.seed
+    if args.max_seconds is not None:
+        overrides["max_seconds"] = args.max_seconds
+    if args.iterations is not None:
+        overrides["iterations"] = args.iterations
+    if args.method in ("tkd", "tikhonov"):
+        for flag in ("iterations", "seed", "max_seconds"):
+            if flag in overrides:
+                raise QSMInputError(f"--{flag.replace('_', '-')} does not apply to the closed-form method {args.method}")
+    if args.method == "tv":
+        overrides.pop("seed", None)
+    if args.snapshots:
+        os.makedirs(args.snapshots, exist_ok=True)
+    request = ReconstructionRequest(
+        field_path=args.field, mask_path=args.mask, output_path=args.out, method=args.method, preset=args.preset,
+        units=args.units, b0_tesla=args.b0, te_s=args.te, b0_direction_world=args.b0_direction,
+        reference_path=args.reference, snapshot_dir=args.snapshots, snapshot_every=args.every,
+        device=args.device, settings=overrides)
+    bar = ProgressBar(enabled=not args.no_progress)
+    interrupted = {"flag": False}
+
+    class Listener(RunListener):
+        started = staticmethod(bar.started)
+        progress = staticmethod(bar.progress)
+
+        def cancel_requested(self):
+            return interrupted["flag"]
+
+    import signal
+
+    def on_interrupt(signum, frame):  # first Ctrl-C: stop cleanly and keep the estimate
+        interrupted["flag"] = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        result = run_reconstruction(request, Listener())
+    finally:
+        bar.close()
+        signal.signal(signal.SIGINT, previous)
+    print(f"{args.method}: {result.stop_reason} after {result.iterations} iterations in "
+          f"{result.elapsed_s:.1f} s on {result.device}; wrote {result.output_path}")
+    if result.metrics:
+        print(format_metrics_table({args.method: result.metrics}))
+    return 0
+
+
+def format_metrics_table(rows: dict, seconds: Optional[dict] = None) -> str:
+    """A plain-text table: one row per method, the challenge metrics as columns."""
+    names = ["nrmse", "hfen", "ssim", "xsim", "psnr", "pearson"]
+    header = f"{'method':<10}" + "".join(f"{n.upper():>9}" for n in names) + ("  seconds" if seconds else "")
+    lines = [header]
+    for method, m in rows.items():
+        line = f"{method:<10}" + "".join(f"{m[n]:>9.3f}" if n in ("ssim", "xsim", "pearson") else f"{m[n]:>9.2f}"
+                                         for n in names)
+        if seconds:
+            line += f"  {seconds.get(method, float('nan')):7.1f}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def cmd_evaluate(args) -> int:
+    from . import io as qio
+    from .metrics import all_metrics
+    from .validation import binarise_mask, check_reference, check_same_grid
+
+    qsm = qio.read_volume(args.qsm)
+    mask = qio.read_volume(args.mask)
+    check_same_grid(mask, qsm, "mask", "QSM")
+    mask_bool, warnings = binarise_mask(mask.array)
+    reference, ref_warnings = check_reference(qio.read_volume(args.reference), qsm)
+    for warning in warnings + ref_warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    metrics = all_metrics(qsm.array, reference, mask_bool)
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        print(format_metrics_table({os.path.basename(args.qsm): metrics}))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.outdir, voxel_size_mm=args.voxel, dip_iterations=args.iterations, device=args.device,
+             seed=args.seed, report=print)
+    return 0
+
+
+COMMANDS = {"phantom": cmd_phantom, "reconstruct": cmd_reconstruct, "evaluate": cmd_evaluate, "demo": cmd_demo}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except QSMInputError as error:
+        print(f"qsmdip {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_INPUT
+    except MissingDependencyError as error:
+        print(f"qsmdip {args.command}: missing dependency: {error}", file=sys.stderr)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        print(f"qsmdip {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (MemoryError, RuntimeError) as error:
+        if not is_out_of_memory(error):
+            raise
+        print(f"qsmdip {args.command}: error: out of memory ({str(error).splitlines()[0]}); "
+              "try --method tkd, a smaller volume or a larger GPU", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""One reconstruction from files to files: load, validate, solve, stream snapshots, write the QSM.
+
+The command line and the background worker are thin layers over :func:`run_reconstruction`; they differ
+only in the :class:`RunListener` they pass (a progress bar, or JSON lines on stdout).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from . import io as qio
+from .errors import QSMInputError
+from .geometry import SUPERIOR, b0_direction_in_voxel_frame
+from .solvers import get_solver, make_settings
+from .solvers.base import Progress, SolveResult
+from .validation import check_reference, prepare_inputs
+
+
+@dataclass
+class ReconstructionRequest:
+    """Everything one reconstruction needs; command-line flags and job-file keys map onto these fields."""
+
+    field_path: str
+    mask_path: str
+    output_path: str
+    method: str = "dip"
+    preset: Optional[str] = None
+    units: str = "ppm"
+    b0_tesla: Optional[float] = None
+    te_s: Optional[float] = None
+    b0_direction_world: Optional[Sequence[float]] = None   #: None: the scanner's superior axis
+    reference_path: Optional[str] = None
+    snapshot_path: Optional[str] = None                     #: one file, replaced atomically at each snapshot
+    snapshot_dir: Optional[str] = None                      #: numbered files, one per snapshot
+    snapshot_every: int = 10
+    device: str = "auto"
+    settings: Dict[str, Any] = field(default_factory=dict)  #: overrides of the method's settings fields
+
+
+@dataclass
+class RunInfo:
+    """What is known once the inputs are loaded, before the solver starts."""
+
+    method: str
+    device: str
+    max_iterations: int
+    warnings: List[str]
+    b0_dir_voxel: tuple
+    shape: tuple
+
+
+@dataclass
+class RunResult:
+    """How a reconstruction ended and where its output went (``output_path`` None if nothing written)."""
+
+    output_path: Optional[str]
+    stop_reason: str
+    iterations: int
+    elapsed_s: float
+    metrics: Optional[Dict[str, float]]
+    warnings: List[str]
+    device: str
+
+
+class RunListener:
+    """Hooks a caller overrides to follow a run; the defaults do nothing."""
+
+    def started(self, info: RunInfo) -> None:
+        """Inputs validated, device chosen, solver about to start."""
+
+    def progress(self, progress: Progress) -> None:
+        """Called every ``snapshot_every`` iterations (and after the last)."""
+
+    def snapshot(self, iteration: int, path: Optional[str], metrics: Optional[Dict[str, float]]) -> None:
+        """A snapshot file is complete (path None when no snapshot file was asked for)."""
+
+    def cancel_requested(self) -> bool:
+        """Return True to stop the solver at the next callback."""
+        return False
+
+
+@dataclass
+class LoadedInputs:
+    field_volume: qio.Volume
+    field_ppm: np.ndarray
+    mask: np.ndarray
+    reference_ppm: Optional[np.ndarray]
+    b0_dir_voxel: tuple
+    warnings: List[str]
+
+
+def load_inputs(request: ReconstructionRequest) -> LoadedInputs:
+    """Read and check the request's files, convert the field to ppm and find B0 in the voxel frame."""
+    field_vol = qio.read_volume(request.field_path)
+    mask_vol = qio.read_volume(request.mask_path)
+    field_ppm, mask, warnings = prepare_inputs(field_vol, mask_vol, units=request.units,
+                                               b0_tesla=request.b0_tesla, te_s=request.te_s)
+    reference = None
+    if request.reference_path:
+        reference, ref_warnings = check_reference(qio.read_volume(request.reference_path), field_vol)
+        warnings = list(warnings) + list(ref_warnings)
+    b0_world = request.b0_direction_world if request.b0_direction_world is not None else SUPERIOR
+    b0_dir = b0_direction_in_voxel_frame(field_vol.direction, b0_world)
+    return LoadedInputs(field_vol, field_ppm, mask, reference, b0_dir, list(warnings))
+
+
+def _max_iterations(settings: Any) -> int:
+    for name in ("iterations", "max_iterations"):
+        if hasattr(settings, name):
+            return int(getattr(settings, name))
+    return 0
+
+
+def _write_snapshot(request: ReconstructionRequest, like: qio.Volume, chi: np.ndarray, iteration: int) -> Optional[str]:
+    path = None
+    if request.snapshot_path:
+        path = request.snapshot_path
+        qio.write_volume(path, chi, like=like)
+    if request.snapshot_dir:
+        ext = ".nii.gz"
+        for candidate in (".nii.gz", ".nii", ".nrrd"):
+            if request.output_path.endswith(candidate):
+                ext = candidate
+        path = os.path.join(request.snapshot_dir, f"snapshot_{iteration:05d}{ext}")
+        qio.write_volume(path, chi, like=like)
+    return path
+
+
+def run_reconstruction(request: ReconstructionRequest, listener: Optional[RunListener] = None,
+                       *, write_output_when_cancelled: bool = True) -> RunResult:
+    """Run one reconstruction end to end.
+
+    The output is written with the field's geometry. A cancelled run still writes its last estimate
+    unless ``write_output_when_cancelled`` is False (the Slicer worker keeps the last snapshot instead).
+    """
+    from .device import resolve_device
+    from .metrics import all_metrics
+
+    listener = listener or RunListener()
+    if request.snapshot_every < 1:
+        raise QSMInputError(f"snapshot interval must be at least 1 iteration, got {request.snapshot_every}")
+    settings = make_settings(request.method, request.preset, request.settings)
+    inputs = load_inputs(request)
+    device, device_note = resolve_device(request.device)
+    listener.started(RunInfo(request.method, device_note, _max_iterations(settings), inputs.warnings,
+                             inputs.b0_dir_voxel, inputs.field_ppm.shape))
+
+    def metrics_of(chi: np.ndarray) -> Optional[Dict[str, float]]:
+        if inputs.reference_ppm is None:
+            return None
+        return all_metrics(chi, inputs.reference_ppm, inputs.mask)
+
+    def callback(progress: Progress) -> bool:
+        listener.progress(progress)
+        path = _write_snapshot(request, inputs.field_volume, progress.chi_ppm, progress.iteration)
+        if path is not None or inputs.reference_ppm is not None:
+            listener.snapshot(progress.iteration, path, metrics_of(progress.chi_ppm))
+        return listener.cancel_requested()
+
+    solve = get_solver(request.method)
+    result: SolveResult = solve(inputs.field_ppm, inputs.mask, inputs.field_volume.spacing_mm,
+                                b0_dir=inputs.b0_dir_voxel, settings=settings, callback=callback,
+                                callback_every=request.snapshot_every, device=str(device))
+    output_path: Optional[str] = None
+    if result.stop_reason != "cancelled" or write_output_when_cancelled:
+        qio.write_volume(request.output_path, result.chi_ppm, like=inputs.field_volume)
+        output_path = request.output_path
+    return RunResult(output_path, result.stop_reason, result.iterations, result.elapsed_s,
+                     metrics_of(result.chi_ppm), inputs.warnings, result.device or device_note)
+
+
+def request_from_dict(data: Dict[str, Any]) -> ReconstructionRequest:
+    """Build a request from a job dictionary (worker job files), refusing unknown keys."""
+    names = {f.name for f in dataclasses.fields(ReconstructionRequest)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise QSMInputError(f"unknown job keys: {', '.join(unknown)}")
+    for required in ("field_path", "mask_path", "output_path"):
+        if not data.get(required):
+            raise QSMInputError(f"the job has no {required}")
+    return ReconstructionRequest(**data)

@@ -1,0 +1,301 @@
+"""Deep Image Prior dipole inversion: fit a 3D U-Net's output to the measured field.
+
+We look for chi = mask * (chi_base + f_theta(z)) minimising
+
+    data(mask * (D * chi - field)) + reg_weight * reg(chi)
+
+over the network weights theta, with a fixed input z (Gaussian noise or the field itself). No
+training data is involved: the network's structure is the prior, which favours smooth piecewise images
+over the streaks that the dipole kernel's zero cone lets through. ``chi_base`` is zero by default; the
+"tikhonov" base makes the network learn a correction to a closed-form estimate instead (a model-based
+start). The field is divided by its RMS inside the mask before fitting, so the network's output is of
+order one whatever the field strength, and the result is scaled back to ppm.
+
+Reference: Ulyanov, Vedaldi, Lempitsky, "Deep Image Prior", CVPR 2018; the original QSM-DIP settings
+are kept as the "original" preset (see ``PRESETS``).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..device import resolve_device
+from ..errors import QSMInputError
+from ..geometry import SUPERIOR, check_voxel_size, unit_vector
+from ..networks import UNet3d
+from ..operator import DipoleOperator
+from .base import Callback, Progress, SolveResult, Stopwatch, check_inputs, crop_to_mask
+
+INPUT_MODES = ("noise", "field")
+DATA_LOSSES = ("l1", "l2")
+REGULARISERS = ("none", "laplacian", "tv")
+BASES = ("none", "tikhonov")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
+        and math.isfinite(float(value))
+
+
+@dataclass
+class DIPSettings:
+    """Settings of :func:`solve_dip`; every field is checked on construction.
+
+    Defaults are those of the original QSM-DIP method except where noted; ``PRESETS`` holds tuned sets.
+    """
+
+    iterations: int = 500                      #: maximum number of Adam steps (>= 1)
+    learning_rate: float = 1e-3                #: Adam step size (> 0)
+    betas: Tuple[float, float] = (0.5, 0.999)  #: Adam moment decays, each in [0, 1)
+    width: int = 16                            #: U-Net channels at full resolution (>= 1)
+    depth: int = 3                             #: U-Net stride-2 downsamplings (>= 1)
+    input: str = "noise"                       #: network input: "noise" (fixed Gaussian) or "field"
+    noise_channels: int = 1                    #: channels of the noise input (>= 1; ignored for "field")
+    data_loss: str = "l1"                      #: "l1" (mean |r|) or "l2" (mean r^2) of the masked residual
+    regulariser: str = "laplacian"             #: "none", "laplacian" (26-neighbour, L1) or "tv" (anisotropic)
+    reg_weight: float = 1e-3                   #: weight of the regulariser (>= 0)
+    seed: int = 0                              #: seeds the weights and the noise input (>= 0)
+    mixed_precision: bool = False              #: bf16/fp16 autocast of the network on CUDA (FFTs stay fp32)
+    max_seconds: Optional[float] = None        #: wall-time limit in seconds (> 0), None for none
+    pad_factor: float = 2.0                    #: FFT zero-padding factor (>= 1; 2 avoids wrap-around)
+    normalise: bool = True                     #: fit the field divided by its RMS in the mask (not in the original)
+    base: str = "none"                         #: "none" or "tikhonov": chi = closed-form estimate + network
+    base_lambda: float = 0.05                  #: Tikhonov weight of the "tikhonov" base (> 0)
+    ema: float = 0.0                           #: decay of an exponential moving average of the output (0 = off)
+
+    def __post_init__(self) -> None:
+        def bad(name: str, rule: str) -> QSMInputError:
+            return QSMInputError(f"DIP setting {name}={getattr(self, name)!r} is invalid: {rule}")
+
+        for name, minimum in (("iterations", 1), ("width", 1), ("depth", 1), ("noise_channels", 1), ("seed", 0)):
+            value = getattr(self, name)
+            if not _is_int(value) or value < minimum:
+                raise bad(name, f"must be an integer >= {minimum}")
+        if not _is_number(self.learning_rate) or self.learning_rate <= 0:
+            raise bad("learning_rate", "must be a positive number")
+        betas = tuple(self.betas) if isinstance(self.betas, (tuple, list)) else ()
+        if len(betas) != 2 or not all(_is_number(b) and 0 <= b < 1 for b in betas):
+            raise bad("betas", "must be two numbers in [0, 1)")
+        self.betas = (float(betas[0]), float(betas[1]))
+        for name, choices in (("input", INPUT_MODES), ("data_loss", DATA_LOSSES),
+                              ("regulariser", REGULARISERS), ("base", BASES)):
+            if getattr(self, name) not in choices:
+                raise bad(name, f"must be one of {', '.join(choices)}")
+        if not _is_number(self.reg_weight) or self.reg_weight < 0:
+            raise bad("reg_weight", "must be a number >= 0")
+        if not isinstance(self.mixed_precision, bool):
+            raise bad("mixed_precision", "must be True or False")
+        if not isinstance(self.normalise, bool):
+            raise bad("normalise", "must be True or False")
+        if self.max_seconds is not None and (not _is_number(self.max_seconds) or self.max_seconds <= 0):
+            raise bad("max_seconds", "must be a positive number of seconds or None")
+        if not _is_number(self.pad_factor) or self.pad_factor < 1:
+            raise bad("pad_factor", "must be a number >= 1")
+        if not _is_number(self.base_lambda) or self.base_lambda <= 0:
+            raise bad("base_lambda", "must be a positive number")
+        if not _is_number(self.ema) or not 0 <= self.ema < 1:
+            raise bad("ema", "must be a number in [0, 1)")
+
+
+#: Named settings. "original" is the published QSM-DIP configuration (its code fed the field as the
+#: input, did not normalise it and ran 500 iterations); "default" is the best we measured
+#: (docs/dip-experiments.md); "fast" trades accuracy for a few minutes on a CPU.
+PRESETS: Dict[str, DIPSettings] = {
+    "original": DIPSettings(iterations=500, learning_rate=1e-3, betas=(0.5, 0.999), width=16, depth=3,
+                            input="field", data_loss="l1", regulariser="laplacian", reg_weight=1e-3,
+                            normalise=False),
+    "default": DIPSettings(),
+}
+
+
+def dip_settings(preset: str = "default", **overrides: object) -> DIPSettings:
+    """The settings of a named preset with some fields replaced, e.g. ``dip_settings("fast", seed=3)``."""
+    if preset not in PRESETS:
+        raise QSMInputError(f"unknown DIP preset {preset!r}: use one of {', '.join(PRESETS)}")
+    fields = {f.name for f in dataclasses.fields(DIPSettings)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise QSMInputError(f"unknown DIP setting {unknown[0]!r}: valid ones are {', '.join(sorted(fields))}")
+    return dataclasses.replace(PRESETS[preset], **overrides)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------------------
+# Regularisers (on the normalised chi, voxel units; evaluated inside the mask eroded by one voxel so
+# that the jump to zero at the mask's edge, which the output mask imposes, is not penalised).
+
+def _neighbour_weights(voxel_size_mm: Sequence[float]) -> torch.Tensor:
+    """3x3x3 stencil of the distance-weighted 26-neighbour Laplacian: w = 1/distance, centre = -sum w.
+
+    Distances are in units of the smallest voxel side, so isotropic voxels give 1, 1/sqrt2, 1/sqrt3.
+    """
+    h = np.asarray(voxel_size_mm, dtype=np.float64) / min(voxel_size_mm)
+    offsets = np.stack(np.meshgrid(*[np.array([-1.0, 0.0, 1.0])] * 3, indexing="ij"), axis=-1)
+    dist = np.sqrt(((offsets * h) ** 2).sum(-1))
+    with np.errstate(divide="ignore"):
+        w = np.where(dist > 0, 1.0 / dist, 0.0)
+    w[1, 1, 1] = -w.sum()
+    return torch.as_tensor(w, dtype=torch.float32).reshape(1, 1, 3, 3, 3)
+
+
+def _interior(mask: torch.Tensor) -> torch.Tensor:
+    """Mask voxels whose 26 neighbours are all in the mask (binary erosion by a 3x3x3 cube)."""
+    m = mask.float()[None, None]
+    eroded = -F.max_pool3d(-m, kernel_size=3, stride=1, padding=1)
+    return eroded[0, 0] > 0.5
+
+
+class _Regulariser:
+    """The chosen penalty, as a callable on a (i, j, k) float32 tensor."""
+
+    def __init__(self, kind: str, mask: torch.Tensor, voxel_size_mm: Sequence[float]):
+        self.kind = kind
+        self.region = _interior(mask)
+        if not bool(self.region.any()):
+            self.region = mask
+        self.count = float(self.region.sum())
+        self.stencil = _neighbour_weights(voxel_size_mm).to(mask.device)
+        self.inv_h = [min(voxel_size_mm) / h for h in voxel_size_mm]
+
+    def __call__(self, chi: torch.Tensor) -> torch.Tensor:
+        if self.kind == "laplacian":
+            lap = F.conv3d(chi[None, None], self.stencil, padding=1)[0, 0]
+            return (lap.abs() * self.region).sum() / self.count
+        if self.kind == "tv":
+            total = chi.new_zeros(())
+            for axis, inv_h in enumerate(self.inv_h):
+                diff = torch.diff(chi, dim=axis, append=chi.narrow(axis, chi.shape[axis] - 1, 1)) * inv_h
+                total = total + (diff.abs() * self.region).sum()
+            return total / self.count
+        return chi.new_zeros(())
+
+
+# --------------------------------------------------------------------------------------------------
+
+def _device_label(device: torch.device) -> str:
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    return str(device)
+
+
+def _tikhonov_estimate(op: DipoleOperator, field: torch.Tensor, mask: torch.Tensor, lam: float) -> torch.Tensor:
+    """Closed-form argmin |D chi - f|^2 + lam |chi|^2 = F^-1[D / (D^2 + lam) F f], masked."""
+    kfilter = op.kernel / (op.kernel ** 2 + lam)
+    return op.apply_kspace_filter(field, kfilter) * mask
+
+
+def solve_dip(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[float], *,
+              b0_dir: Sequence[float] = SUPERIOR, settings: Optional[DIPSettings] = None,
+              callback: Optional[Callback] = None, callback_every: int = 10,
+              device: str = "auto") -> SolveResult:
+    """Susceptibility (ppm) by Deep Image Prior; see the module docstring for the objective.
+
+    The fit runs on the mask's bounding box. The result is reproducible bit for bit on the CPU for the
+    same ``settings.seed`` (weights and noise come from a private generator; the global RNG is left
+    alone). Stops after ``settings.iterations`` ("completed"), at ``settings.max_seconds``
+    ("time_limit") or when ``callback`` returns True ("cancelled"). The loss reported is the objective
+    on the normalised field.
+    """
+    settings = settings if settings is not None else dip_settings("default")
+    if not isinstance(settings, DIPSettings):
+        raise QSMInputError(f"settings must be a DIPSettings, got {type(settings).__name__}")
+    if not _is_int(callback_every) or callback_every < 1:
+        raise QSMInputError(f"callback_every must be an integer >= 1, got {callback_every!r}")
+    field32, mask_bool = check_inputs(field_ppm, mask)
+    voxel_size = check_voxel_size(voxel_size_mm)
+    b0 = unit_vector(b0_dir)
+    torch_device, _ = resolve_device(device)
+    clock = Stopwatch(settings.max_seconds)
+
+    crop = crop_to_mask(field32, mask_bool)
+    scale = 1.0
+    if settings.normalise:
+        rms = float(np.sqrt(np.mean(np.square(crop.field_ppm[crop.mask], dtype=np.float64))))
+        scale = rms if rms > 0 else 1.0
+    field_t = torch.as_tensor(crop.field_ppm / scale, dtype=torch.float32, device=torch_device)
+    mask_t = torch.as_tensor(crop.mask, device=torch_device)
+    maskf = mask_t.float()
+    n_mask = float(maskf.sum())
+    op = DipoleOperator(crop.field_ppm.shape, voxel_size, b0, pad_factor=settings.pad_factor, device=torch_device)
+    regulariser = _Regulariser(settings.regulariser, mask_t, voxel_size)
+
+    generator = torch.Generator(device="cpu").manual_seed(settings.seed)
+    in_channels = 1 if settings.input == "field" else settings.noise_channels
+    net = UNet3d(in_channels, 1, width=settings.width, depth=settings.depth)
+    net.reset_parameters(generator)
+    net.to(torch_device)
+    if settings.input == "field":
+        net_input = field_t[None, None].clone()
+    else:
+        noise = torch.randn((1, in_channels) + crop.field_ppm.shape, generator=generator)
+        net_input = noise.to(torch_device)
+    with torch.no_grad():
+        base = (_tikhonov_estimate(op, field_t, maskf, settings.base_lambda)
+                if settings.base == "tikhonov" else torch.zeros_like(field_t))
+
+    optimiser = torch.optim.Adam(net.parameters(), lr=settings.learning_rate, betas=settings.betas)
+    use_amp = settings.mixed_precision and torch_device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+
+    def network_output() -> torch.Tensor:
+        ctx = torch.autocast("cuda", dtype=amp_dtype) if use_amp else contextlib.nullcontext()
+        with ctx:
+            out = net(net_input)
+        return out[0, 0].float()
+
+    def to_ppm(chi_norm: torch.Tensor) -> np.ndarray:
+        return crop.paste((chi_norm.detach() * scale).cpu().numpy().astype(np.float32))
+
+    history = []
+    stop_reason = "completed"
+    estimate = base
+    average: Optional[torch.Tensor] = None
+    iteration = 0
+    for iteration in range(1, settings.iterations + 1):
+        optimiser.zero_grad(set_to_none=True)
+        chi = (base + network_output()) * maskf
+        residual = (op(chi) - field_t) * maskf
+        data = residual.abs().sum() if settings.data_loss == "l1" else residual.square().sum()
+        loss = data / n_mask
+        if settings.regulariser != "none" and settings.reg_weight > 0:
+            loss = loss + settings.reg_weight * regulariser(chi)
+        scaler.scale(loss).backward()
+        scaler.step(optimiser)
+        scaler.update()
+
+        value = float(loss.detach())
+        history.append(value)
+        if not math.isfinite(value):
+            raise FloatingPointError(f"DIP loss became {value} at iteration {iteration}; lower the learning rate")
+        with torch.no_grad():
+            current = chi.detach()
+            if settings.ema > 0:
+                average = current.clone() if average is None else average.mul_(settings.ema).add_(
+                    current, alpha=1 - settings.ema)
+                current = average
+            estimate = current
+        if clock.expired() and iteration < settings.iterations:
+            stop_reason = "time_limit"
+        last = iteration == settings.iterations or stop_reason != "completed"
+        if callback is not None and (iteration % callback_every == 0 or last):
+            progress = Progress(iteration, settings.iterations, value, clock.elapsed_s, to_ppm(estimate))
+            if callback(progress):
+                stop_reason = "cancelled"
+                break
+        if last:
+            break
+
+    return SolveResult(chi_ppm=to_ppm(estimate), method="dip", iterations=iteration, elapsed_s=clock.elapsed_s,
+                       stop_reason=stop_reason, loss_history=history, device=_device_label(torch_device))

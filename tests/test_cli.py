@@ -1,0 +1,197 @@
+"""The command line end to end on a small phantom, and every bad input it must refuse cleanly."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from qsmdip import io as qio
+from qsmdip.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def phantom_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("phantom")
+    assert main(["phantom", str(out), "--voxel", "4", "--oblique", "20", "--snr", "300"]) == 0
+    return out
+
+
+def files(d):
+    return {n: str(d / f"{n}.nii.gz") for n in ("field", "mask", "chi")}
+
+
+def test_phantom_writes_oblique_geometry(phantom_dir):
+    field = qio.read_volume(files(phantom_dir)["field"])
+    assert field.spacing_mm == pytest.approx((4, 4, 4))
+    b0 = field.b0_dir()
+    assert b0 == pytest.approx((0, np.sin(np.radians(20)), np.cos(np.radians(20))), abs=1e-5)
+    mask = qio.read_volume(files(phantom_dir)["mask"]).array
+    assert set(np.unique(mask)) == {0.0, 1.0}
+
+
+@pytest.mark.parametrize("method", ["tkd", "tikhonov"])
+def test_reconstruct_and_evaluate(phantom_dir, tmp_path, method, capsys):
+    f = files(phantom_dir)
+    out = tmp_path / f"qsm_{method}.nrrd"
+    code = main(["reconstruct", "--field", f["field"], "--mask", f["mask"], "--out", str(out),
+                 "--method", method, "--reference", f["chi"], "--no-progress"])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "NRMSE" in text and method in text
+    qsm = qio.read_volume(str(out))
+    field = qio.read_volume(f["field"])
+    assert qsm.same_geometry(field)
+    assert main(["evaluate", "--qsm", str(out), "--reference", f["chi"], "--mask", f["mask"], "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert set(metrics) >= {"nrmse", "hfen", "ssim", "xsim", "psnr", "pearson"}
+    assert 5 < metrics["nrmse"] < 100
+    assert metrics["xsim"] > 0.3
+
+
+def test_oblique_geometry_is_used(phantom_dir, tmp_path, capsys):
+    """Ignoring the direction matrix (forcing an axial B0) must give a clearly worse map."""
+    f = files(phantom_dir)
+    scores = {}
+    for label, extra in (("geometry", []), ("forced-axial", ["--b0-direction", "0,-0.34202,0.93969"])):
+        out = tmp_path / f"{label}.nii.gz"
+        assert main(["reconstruct", "--field", f["field"], "--mask", f["mask"], "--out", str(out),
+                     "--method", "tikhonov", "--no-progress", *extra]) == 0
+        capsys.readouterr()
+        assert main(["evaluate", "--qsm", str(out), "--reference", f["chi"], "--mask", f["mask"], "--json"]) == 0
+        scores[label] = json.loads(capsys.readouterr().out)["nrmse"]
+    assert scores["forced-axial"] > scores["geometry"] + 10
+
+
+def test_units_hz_and_rad_give_the_same_map(tmp_path, capsys):
+    ppm_dir, hz_dir, rad_dir = tmp_path / "ppm", tmp_path / "hz", tmp_path / "rad"
+    assert main(["phantom", str(ppm_dir), "--voxel", "5"]) == 0
+    assert main(["phantom", str(hz_dir), "--voxel", "5", "--units", "hz", "--b0", "3"]) == 0
+    assert main(["phantom", str(rad_dir), "--voxel", "5", "--units", "rad", "--b0", "7", "--te", "0.01"]) == 0
+    capsys.readouterr()
+    maps = []
+    for d, extra in ((ppm_dir, []), (hz_dir, ["--units", "hz", "--b0", "3"]),
+                     (rad_dir, ["--units", "rad", "--b0", "7", "--te", "0.01"])):
+        out = d / "qsm.nii.gz"
+        assert main(["reconstruct", "--field", str(d / "field.nii.gz"), "--mask", str(d / "mask.nii.gz"),
+                     "--out", str(out), "--method", "tkd", "--no-progress", *extra]) == 0
+        maps.append(qio.read_volume(str(out)).array)
+    assert np.abs(maps[0]).max() > 0.01
+    assert np.allclose(maps[1], maps[0], atol=1e-5)
+    assert np.allclose(maps[2], maps[0], atol=1e-5)
+
+
+def test_snapshots_written(phantom_dir, tmp_path):
+    f = files(phantom_dir)
+    snaps = tmp_path / "snaps"
+    assert main(["reconstruct", "--field", f["field"], "--mask", f["mask"], "--out", str(tmp_path / "q.nii.gz"),
+                 "--method", "tv", "--iterations", "6", "--every", "3", "--snapshots", str(snaps),
+                 "--no-progress"]) == 0
+    names = sorted(os.listdir(snaps))
+    assert names == ["snapshot_00003.nii.gz", "snapshot_00006.nii.gz"]
+
+
+def write(path, array, spacing=(4, 4, 4)):
+    qio.write_volume(str(path), np.asarray(array, dtype=np.float32), spacing_mm=spacing)
+    return str(path)
+
+
+def run_cli(args, capsys):
+    code = main(args)
+    err = capsys.readouterr().err
+    return code, err
+
+
+@pytest.fixture
+def small(tmp_path):
+    rng = np.random.default_rng(1)
+    field = rng.normal(0, 0.02, (12, 13, 14))
+    mask = np.zeros((12, 13, 14))
+    mask[3:9, 3:10, 3:11] = 1
+    return tmp_path, field, mask
+
+
+def recon_args(field, mask, out, *extra):
+    return ["reconstruct", "--field", field, "--mask", mask, "--out", out, "--method", "tkd", "--no-progress", *extra]
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("missing", "no such file"),
+    ("size", "shape"),
+    ("geometry", "spacing"),
+    ("empty", "empty"),
+    ("nan", "NaN"),
+    ("hz_without_b0", "B0"),
+    ("rad_without_te", "echo time"),
+    ("two_d", "2D"),
+    ("four_d", "4D"),
+    ("garbage", "read"),
+])
+def test_bad_input_is_one_clear_line(small, case, needle, capsys):
+    tmp, field, mask = small
+    f = write(tmp / "field.nii.gz", field)
+    m = write(tmp / "mask.nii.gz", mask)
+    out = str(tmp / "out.nii.gz")
+    extra = []
+    if case == "missing":
+        f = str(tmp / "nope.nii.gz")
+    elif case == "size":
+        m = write(tmp / "mask2.nii.gz", mask[:-1])
+    elif case == "geometry":
+        m = write(tmp / "mask2.nii.gz", mask, spacing=(4, 4, 3))
+    elif case == "empty":
+        m = write(tmp / "mask2.nii.gz", np.zeros_like(mask))
+    elif case == "nan":
+        bad = field.copy()
+        bad[5, 5, 5] = np.nan
+        f = write(tmp / "field2.nrrd", bad)  # ITK's NIfTI reader turns NaN into 0; NRRD keeps it
+    elif case == "hz_without_b0":
+        extra = ["--units", "hz"]
+    elif case == "rad_without_te":
+        extra = ["--units", "rad", "--b0", "3"]
+    elif case == "two_d":
+        f = str(tmp / "flat.nii.gz")
+        sitk.WriteImage(sitk.GetImageFromArray(np.zeros((5, 6), np.float32)), f)
+    elif case == "four_d":
+        f = str(tmp / "multi.nii.gz")
+        sitk.WriteImage(sitk.GetImageFromArray(np.zeros((3, 5, 6, 7), np.float32), isVector=False), f)
+    elif case == "garbage":
+        f = str(tmp / "garbage.nii.gz")
+        with open(f, "wb") as handle:
+            handle.write(b"this is not an image")
+    code, err = run_cli(recon_args(f, m, out, *extra), capsys)
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if line]
+    assert len(lines) == 1, err
+    assert needle.lower() in lines[0].lower()
+    assert "Traceback" not in err
+    assert not os.path.exists(out)
+
+
+def test_non_binary_mask_warns_and_runs(small, capsys):
+    tmp, field, mask = small
+    f = write(tmp / "field.nii.gz", field)
+    m = write(tmp / "mask.nii.gz", mask * 0.9)
+    out = str(tmp / "out.nii.gz")
+    code, err = run_cli(recon_args(f, m, out), capsys)
+    assert code == 0
+    assert "warning" in err.lower() and "mask" in err.lower()
+    assert os.path.exists(out)
+
+
+def test_help_explains_each_command():
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "QSMDIP"))
+    for command in ([], ["phantom"], ["reconstruct"], ["evaluate"], ["demo"]):
+        proc = subprocess.run([sys.executable, "-m", "qsmdip", *command, "--help"], capture_output=True,
+                              text=True, env=env, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert "usage: qsmdip" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "qsmdip", "reconstruct", "--help"], capture_output=True,
+                          text=True, env=env, timeout=120)
+    for flag in ("--units", "--b0", "--te", "--reference", "--snapshots", "--every", "--device", "--iterations",
+                 "--seed", "--preset", "--method"):
+        assert flag in proc.stdout

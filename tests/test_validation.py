@@ -1,0 +1,158 @@
+"""User-input checks: every bad field / mask / units combination gets a clear one-line error."""
+import numpy as np
+import pytest
+
+from qsmdip.errors import QSMInputError
+from qsmdip.io import Volume, volume_like
+from qsmdip.units import GAMMA_BAR_MHZ_PER_T
+from qsmdip.validation import binarise_mask, check_reference, prepare_inputs
+
+SHAPE = (12, 10, 8)
+SPACING = (1.0, 1.0, 2.0)
+ORIGIN = (10.0, -20.0, 30.0)
+
+
+def ball_mask():
+    i, j, k = np.indices(SHAPE)
+    return ((i - 6) ** 2 + (j - 5) ** 2 + ((k - 4) * 2) ** 2 <= 16).astype(np.uint8)
+
+
+def field_volume(values=None):
+    if values is None:
+        values = 0.05 * np.random.default_rng(1).standard_normal(SHAPE)
+    return Volume(np.asarray(values, dtype=np.float32), SPACING, ORIGIN)
+
+
+def test_good_inputs_pass_unchanged():
+    field, mask = field_volume(), volume_like(field_volume(), ball_mask())
+    field_ppm, inside, warnings = prepare_inputs(field, mask, units="ppm")
+    assert field_ppm.dtype == np.float32 and inside.dtype == bool
+    assert np.array_equal(field_ppm, field.array)
+    assert np.array_equal(inside, ball_mask() == 1)
+    assert warnings == []
+
+
+def test_hz_field_is_converted_to_ppm():
+    field = field_volume()
+    hz = volume_like(field, field.array * GAMMA_BAR_MHZ_PER_T * 3.0)
+    field_ppm, _, warnings = prepare_inputs(hz, volume_like(field, ball_mask()), units="Hz", b0_tesla=3.0)
+    np.testing.assert_allclose(field_ppm, field.array, rtol=1e-5, atol=1e-8)
+    assert warnings == []
+
+
+def test_shape_mismatch_gives_both_shapes():
+    mask = Volume(np.ones((12, 10, 9)), SPACING, ORIGIN)
+    with pytest.raises(QSMInputError, match=r"\(12, 10, 8\).*\(12, 10, 9\)"):
+        prepare_inputs(field_volume(), mask, units="ppm")
+
+
+@pytest.mark.parametrize("change, word", [
+    (dict(spacing_mm=(1.0, 1.0, 2.5)), "spacing"),
+    (dict(origin=(10.0, -20.0, 31.0)), "origin"),
+    (dict(direction=np.diag([-1.0, -1.0, 1.0])), "direction"),
+])
+def test_geometry_mismatch_says_what_differs(change, word):
+    geometry = dict(spacing_mm=SPACING, origin=ORIGIN, direction=np.eye(3))
+    geometry.update(change)
+    mask = Volume(ball_mask(), **geometry)
+    with pytest.raises(QSMInputError, match=f"different grids: {word}"):
+        prepare_inputs(field_volume(), mask, units="ppm")
+
+
+def test_empty_mask_is_refused():
+    field = field_volume()
+    with pytest.raises(QSMInputError, match="mask is empty"):
+        prepare_inputs(field, volume_like(field, np.zeros(SHAPE)), units="ppm")
+    with pytest.raises(QSMInputError, match="mask is empty"):  # nothing survives the 0.5 threshold
+        prepare_inputs(field, volume_like(field, np.full(SHAPE, 0.3)), units="ppm")
+
+
+def test_nan_inside_mask_is_refused_with_count():
+    values = field_volume().array.copy()
+    values[6, 5, 4] = np.nan
+    values[6, 5, 3] = np.inf
+    field = field_volume(values)
+    with pytest.raises(QSMInputError, match="2 NaN/Inf voxels inside the mask"):
+        prepare_inputs(field, volume_like(field, ball_mask()), units="ppm")
+
+
+def test_nan_outside_mask_is_zeroed_with_warning():
+    values = field_volume().array.copy()
+    values[0, 0, 0] = np.nan
+    field = field_volume(values)
+    field_ppm, _, warnings = prepare_inputs(field, volume_like(field, ball_mask()), units="ppm")
+    assert field_ppm[0, 0, 0] == 0 and np.all(np.isfinite(field_ppm))
+    assert any("1 NaN/Inf field voxels outside the mask" in w for w in warnings)
+
+
+def test_probability_mask_is_thresholded_with_warning():
+    field = field_volume()
+    probabilities = 0.9 * ball_mask() + 0.2 * (1 - ball_mask())
+    _, inside, warnings = prepare_inputs(field, volume_like(field, probabilities), units="ppm")
+    assert np.array_equal(inside, ball_mask() == 1)
+    assert len(warnings) == 1 and "thresholded at > 0.5" in warnings[0]
+
+
+def test_label_map_takes_every_label_as_inside():
+    labels = ball_mask() * 3
+    labels[6, 5, 4] = 7
+    inside, warnings = binarise_mask(labels)
+    assert np.array_equal(inside, ball_mask() == 1)
+    assert "label map (labels 3, 7)" in warnings[0]
+    assert binarise_mask(ball_mask().astype(bool))[1] == []
+
+
+@pytest.mark.parametrize("values, message", [
+    (np.linspace(0, 200.5, np.prod(SHAPE)).reshape(SHAPE), "looks like an image"),
+    (np.where(ball_mask() == 1, 1.0, -1.0), "negative"),
+    (np.where(ball_mask() == 1, 1.0, np.nan), "NaN/Inf"),
+])
+def test_masks_that_are_not_masks_are_refused(values, message):
+    with pytest.raises(QSMInputError, match=message):
+        binarise_mask(values)
+
+
+@pytest.mark.parametrize("units, kwargs, message", [
+    ("hz", {}, "B0"),
+    ("rad", {"b0_tesla": 3.0}, "echo time"),
+    ("gauss", {}, "unknown field unit"),
+])
+def test_units_without_b0_or_te_are_refused(units, kwargs, message):
+    field = field_volume()
+    with pytest.raises(QSMInputError, match=message):
+        prepare_inputs(field, volume_like(field, ball_mask()), units=units, **kwargs)
+
+
+def test_field_in_hz_declared_as_ppm_is_refused():
+    field = field_volume()
+    hz = volume_like(field, field.array * 300.0)  # a field of tens of Hz, as at 3-7 T
+    with pytest.raises(QSMInputError, match="implausible for a local field.*--units hz"):
+        prepare_inputs(hz, volume_like(field, ball_mask()), units="ppm")
+
+
+def test_large_but_possible_field_warns():
+    field = field_volume()
+    strong = volume_like(field, field.array * 60.0)  # p99 about 7 ppm
+    _, _, warnings = prepare_inputs(strong, volume_like(field, ball_mask()), units="ppm")
+    assert len(warnings) == 1 and "large for a local field" in warnings[0]
+
+
+def test_all_zero_field_is_refused():
+    field = field_volume(np.where(ball_mask() == 1, 0.0, 0.1))  # non-zero only outside the mask
+    with pytest.raises(QSMInputError, match="zero everywhere inside the mask"):
+        prepare_inputs(field, volume_like(field, ball_mask()), units="ppm")
+
+
+def test_reference_checks():
+    field = field_volume()
+    chi = 0.1 * ball_mask().astype(np.float32)
+    chi[0, 0, 0] = np.nan
+    reference, warnings = check_reference(volume_like(field, chi), field)
+    assert reference[0, 0, 0] == 0 and reference[6, 5, 4] == pytest.approx(0.1)
+    assert "1 NaN/Inf reference voxels" in warnings[0]
+    with pytest.raises(QSMInputError, match="ppb"):
+        check_reference(volume_like(field, 100.0 * ball_mask()), field)
+    with pytest.raises(QSMInputError, match="zero everywhere"):
+        check_reference(volume_like(field, np.zeros(SHAPE)), field)
+    with pytest.raises(QSMInputError, match="reference shape"):
+        check_reference(Volume(np.ones((3, 3, 3))), field)
