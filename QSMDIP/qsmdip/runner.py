@@ -155,6 +155,8 @@ def run_reconstruction(request: ReconstructionRequest, listener: Optional[RunLis
         return all_metrics(chi, inputs.reference_ppm, inputs.mask)
 
     def callback(progress: Progress) -> bool:
+        if listener.cancel_requested():  # a cancelled run writes no further snapshot
+            return True
         listener.progress(progress)
         path = _write_snapshot(request, inputs.field_volume, progress.chi_ppm, progress.iteration)
         if path is not None or inputs.reference_ppm is not None:

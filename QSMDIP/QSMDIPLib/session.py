@@ -1,0 +1,235 @@
+"""One reconstruction from Apply to the end: job files, worker, snapshot streaming, outcome.
+
+The panel creates a :class:`ReconstructionSession`, calls :meth:`~ReconstructionSession.start`, then
+:meth:`~ReconstructionSession.poll` from a timer and renders the returned :class:`SessionState`. The
+session owns the temporary folder and removes it when the worker has ended, whatever the outcome.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Optional, Sequence
+
+from qsmdip.errors import QSMInputError
+
+from .job import JobOptions, PreparedJob, prepare_job
+from .process import WorkerProcess
+from .streaming import ensure_output_node, update_node_from_file
+
+FINISHED_PHASES = ("done", "cancelled", "failed")
+
+
+@dataclass
+class SessionState:
+    """What the panel shows. ``phase``: 'idle', 'running', 'cancelling', 'done', 'cancelled', 'failed'."""
+
+    phase: str = "idle"
+    method: str = ""
+    device: str = ""
+    iteration: int = 0
+    max_iterations: int = 0
+    loss: Optional[float] = None
+    elapsed_s: float = 0.0
+    remaining_s: Optional[float] = None
+    metrics: Optional[Dict[str, float]] = None
+    warnings: List[str] = field(default_factory=list)
+    snapshots_loaded: int = 0
+    snapshot_iteration: Optional[int] = None
+    message: str = ""
+    error_kind: Optional[str] = None   #: 'input', 'out_of_memory', 'missing_dependency', 'internal', 'crashed'
+
+    @property
+    def finished(self) -> bool:
+        return self.phase in FINISHED_PHASES
+
+    def progress_percent(self) -> int:
+        """0-100 for the progress bar."""
+        if self.phase == "done":
+            return 100
+        if self.max_iterations <= 0:
+            return 0
+        return int(round(100.0 * min(self.iteration, self.max_iterations) / self.max_iterations))
+
+    def progress_text(self) -> str:
+        """E.g. 'iteration 40/300 | loss 0.0123 | 0:12 elapsed | 1:20 left'."""
+        parts = []
+        if self.max_iterations > 0:
+            parts.append(f"iteration {self.iteration}/{self.max_iterations}")
+        if self.loss is not None:
+            parts.append(f"loss {self.loss:.4g}")
+        parts.append(f"{_clock(self.elapsed_s)} elapsed")
+        if self.remaining_s is not None and not self.finished:
+            parts.append(f"{_clock(self.remaining_s)} left")
+        return " | ".join(parts)
+
+
+def _clock(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+class ReconstructionSession:
+    """Run one reconstruction of ``field_node`` inside ``mask_node`` into an output volume node.
+
+    Args:
+        scene: the MRML scene (the output node is added there when none is given).
+        field_node, mask_node: input volumes (never modified).
+        options: method, units, device and settings (:class:`~QSMDIPLib.job.JobOptions`).
+        python_command: the worker's Python, e.g. ``["PythonSlicer"]`` or ``[sys.executable]``.
+        module_dir: the folder holding the ``qsmdip`` package.
+        reference_node: optional gold standard; the worker then reports metrics with each snapshot.
+        output_node: volume to fill in place; None creates '<field name>_QSM'.
+        env: base environment of the worker; temp_root: where the temporary folder goes.
+    """
+
+    def __init__(self, scene, field_node, mask_node, options: JobOptions, *, python_command: Sequence[str],
+                 module_dir: str, reference_node=None, output_node=None,
+                 env: Optional[Mapping[str, str]] = None, temp_root: Optional[str] = None, grace_s: float = 3.0):
+        self.scene = scene
+        self.field_node = field_node
+        self.mask_node = mask_node
+        self.reference_node = reference_node
+        self.output_node = output_node
+        self.options = options
+        self.python_command = list(python_command)
+        self.module_dir = module_dir
+        self.env = env
+        self.temp_root = temp_root
+        self.grace_s = grace_s
+        self.job: Optional[PreparedJob] = None
+        self.worker: Optional[WorkerProcess] = None
+        self.state = SessionState()
+        self._started_at = 0.0
+        self._done_message: Optional[dict] = None
+
+    @property
+    def finished(self) -> bool:
+        return self.state.finished
+
+    def start(self) -> SessionState:
+        """Check the inputs, write the job and launch the worker.
+
+        Input problems the panel can see (no image data, different grids, output = an input) raise
+        :class:`~qsmdip.errors.QSMInputError` before anything is written or created. A worker that
+        cannot be launched ends the session as 'failed' with the reason.
+        """
+        if self.worker is not None:
+            raise RuntimeError("this session was already started")
+        self.job = prepare_job(self.field_node, self.mask_node, self.options, reference_node=self.reference_node,
+                               output_node=self.output_node, temp_root=self.temp_root)
+        try:
+            self.output_node = ensure_output_node(self.scene, self.field_node, self.output_node)
+        except BaseException:
+            self.job.cleanup()
+            raise
+        self.worker = WorkerProcess(self.job.job_path, self.python_command, self.module_dir, env=self.env,
+                                    grace_s=self.grace_s)
+        self._started_at = time.monotonic()
+        self.state = SessionState(phase="running", method=self.options.method,
+                                  message=f"starting the {self.options.method.upper()} worker")
+        try:
+            self.worker.start()
+        except OSError as error:
+            self.job.cleanup()
+            self.state.phase, self.state.error_kind = "failed", "missing_dependency"
+            self.state.message = f"could not start {' '.join(self.python_command)}: {error}"
+        return self.state
+
+    def poll(self) -> SessionState:
+        """Apply the worker's new messages (snapshots go into the output node); finish when it has ended."""
+        if self.worker is None or self.state.finished:
+            return self.state
+        for message in self.worker.poll():
+            self._handle(message)
+        if not self.state.finished:
+            self.state.elapsed_s = max(self.state.elapsed_s, time.monotonic() - self._started_at)
+        if self.worker.finished:
+            self._finish()
+        return self.state
+
+    def wait(self, timeout_s: float, interval_s: float = 0.05) -> SessionState:
+        """Poll until the session has finished or ``timeout_s`` passed (tests and scripts)."""
+        deadline = time.monotonic() + timeout_s
+        while not self.poll().finished and time.monotonic() < deadline:
+            time.sleep(interval_s)
+        return self.state
+
+    def cancel(self) -> SessionState:
+        """Ask the worker tree to stop; the output keeps the last snapshot. Poll to see it end."""
+        if self.worker is not None and not self.state.finished:
+            self.worker.cancel()
+            self.state.phase = "cancelling"
+            self.state.message = "cancelling..."
+        return self.state
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Cancel if still running and wait for the end, so no process or temporary file outlives the session."""
+        if self.worker is not None and not self.state.finished:
+            self.cancel()
+            self.wait(timeout_s)
+        if self.job is not None and not self.state.finished:
+            self.job.cleanup()
+
+    # -- messages ---------------------------------------------------------------------------------
+    def _handle(self, message: dict) -> None:
+        event = message.get("event")
+        state = self.state
+        if event == "started":
+            state.device = str(message.get("device") or "")
+            state.method = str(message.get("method") or state.method)
+            state.max_iterations = int(message.get("max_iterations") or 0)
+            state.warnings += [str(w) for w in message.get("warnings") or []]
+            if state.phase == "running":
+                state.message = f"{state.method.upper()} running on {state.device}"
+        elif event == "progress":
+            state.iteration = int(message.get("iteration") or 0)
+            state.max_iterations = int(message.get("max_iterations") or state.max_iterations)
+            state.loss = message.get("loss")
+            state.elapsed_s = float(message.get("elapsed_s") or state.elapsed_s)
+            state.remaining_s = message.get("remaining_s")
+        elif event == "snapshot":
+            if message.get("metrics"):
+                state.metrics = dict(message["metrics"])
+            if message.get("path"):
+                self._load(message["path"])
+                state.snapshots_loaded += 1
+                state.snapshot_iteration = int(message.get("iteration") or 0)
+        elif event == "done":
+            self._done_message = message
+            if message.get("metrics"):
+                state.metrics = dict(message["metrics"])
+
+    def _load(self, path: str) -> None:
+        try:
+            update_node_from_file(path, self.output_node, self.field_node)
+        except QSMInputError as error:
+            self.state.warnings.append(str(error))
+
+    def _finish(self) -> None:
+        state = self.state
+        outcome = self.worker.exit
+        try:
+            if outcome.kind == "done" and self._done_message is not None:
+                path = self._done_message.get("path")
+                if path:
+                    self._load(path)
+                state.phase, state.error_kind = "done", None
+                stop = self._done_message.get("stop_reason") or "completed"
+                iterations = int(self._done_message.get("iterations") or 0)
+                state.elapsed_s = float(self._done_message.get("elapsed_s") or state.elapsed_s)
+                done_after = f" after {iterations} iterations" if iterations else ""
+                state.message = f"{state.method.upper()} {stop}{done_after} in {_clock(state.elapsed_s)} on {state.device}"
+            elif outcome.kind == "done":
+                state.phase, state.error_kind = "failed", "internal"
+                state.message = "the worker ended without reporting a result"
+            elif outcome.kind == "cancelled":
+                state.phase, state.error_kind = "cancelled", None
+                kept = (f"the output keeps the snapshot of iteration {state.snapshot_iteration}"
+                        if state.snapshots_loaded else "no snapshot had arrived")
+                state.message = f"cancelled; {kept}"
+            else:
+                state.phase, state.error_kind = "failed", outcome.kind
+                state.message = outcome.message
+        finally:
+            self.job.cleanup()

@@ -1,0 +1,181 @@
+"""Deep Image Prior solver: settings, reproducibility, the callback contract, stopping, convergence."""
+import dataclasses
+
+import numpy as np
+import pytest
+
+from qsmdip.errors import QSMInputError
+from qsmdip.metrics import nrmse
+from qsmdip.operator import forward_field
+from qsmdip.solvers.base import Progress
+from qsmdip.solvers.dip import PRESETS, DIPSettings, dip_settings, solve_dip
+from qsmdip.solvers.tkd import TKDSettings, solve_tkd
+
+VOXEL_MM = (2.0, 2.0, 2.0)
+#: A tiny, quick configuration for the behaviour tests (not for accuracy).
+TINY = dict(width=4, depth=2, iterations=6)
+
+
+def ellipsoid(shape, centre, semi_axes):
+    idx = np.indices(shape, dtype=float)
+    return sum(((idx[a] - centre[a]) / semi_axes[a]) ** 2 for a in range(3)) <= 1.0
+
+
+def ellipsoid_phantom(shape=(20, 22, 18), noise_ppm=0.0005, seed=0):
+    """Piecewise-constant 'nuclei' in an ellipsoidal 'brain'; field by the forward model plus noise."""
+    c = [(n - 1) / 2.0 for n in shape]
+    mask = ellipsoid(shape, c, [0.42 * n for n in shape])
+    s = shape[0] / 36.0  # structure sizes scale with the matrix
+    chi = np.zeros(shape)
+    for offset, axes, value in [((-6, -3, 0), (5, 3, 4), 0.10), ((6, -3, 0), (5, 3, 4), 0.10),
+                                ((0, 7, 2), (4, 4, 3), -0.06), ((1, 1, -6), (3, 3, 3), 0.18),
+                                ((-2, 2, 7), (7, 2.5, 2), 0.05)]:
+        centre = [c[a] + s * offset[a] for a in range(3)]
+        chi[ellipsoid(shape, centre, [max(s * x, 1.0) for x in axes])] = value
+    chi *= mask
+    field = forward_field(chi, VOXEL_MM)
+    field = (field + noise_ppm * np.random.default_rng(seed).standard_normal(shape)) * mask
+    return chi.astype(np.float32), mask, field.astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def tiny_case():
+    return ellipsoid_phantom((14, 16, 12))
+
+
+def run_tiny(case, **overrides):
+    chi, mask, field = case
+    settings = dip_settings("default", **{**TINY, **overrides})
+    return solve_dip(field, mask, VOXEL_MM, settings=settings, device="cpu")
+
+
+# -- settings ---------------------------------------------------------------------------------------
+
+def test_original_preset_matches_the_reference_method():
+    s = PRESETS["original"]
+    assert (s.iterations, s.learning_rate, s.betas) == (500, 1e-3, (0.5, 0.999))
+    assert (s.width, s.depth, s.input, s.data_loss) == (16, 3, "field", "l1")
+    assert (s.regulariser, s.reg_weight, s.base, s.ema) == ("laplacian", 1e-3, "none", 0.0)
+    assert s.normalise is False
+
+
+def test_presets_and_overrides():
+    assert {"original", "default"} <= set(PRESETS)
+    s = dip_settings("original", seed=3, iterations=10)
+    assert s.seed == 3 and s.iterations == 10 and s.width == 16
+    assert PRESETS["original"].iterations == 500  # the preset itself is untouched
+    assert isinstance(dip_settings(), DIPSettings)
+
+
+def test_unknown_preset_or_field_names_it():
+    with pytest.raises(QSMInputError, match="'fancy'"):
+        dip_settings("fancy")
+    with pytest.raises(QSMInputError, match="'iters'"):
+        dip_settings("default", iters=3)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("iterations", 0), ("iterations", 2.5), ("learning_rate", -1.0), ("learning_rate", float("nan")),
+    ("betas", (0.9,)), ("betas", (0.5, 1.0)), ("width", 0), ("depth", 0), ("input", "image"),
+    ("noise_channels", 0), ("data_loss", "huber"), ("regulariser", "l0"), ("reg_weight", -0.1),
+    ("seed", -1), ("mixed_precision", "yes"), ("max_seconds", 0.0), ("pad_factor", 0.5),
+    ("base", "tkd2"), ("base_lambda", 0.0), ("ema", 1.0),
+])
+def test_invalid_settings_name_the_bad_value(field, value):
+    with pytest.raises(QSMInputError, match=field):
+        DIPSettings(**{field: value})
+
+
+def test_bad_call_arguments_are_refused(tiny_case):
+    chi, mask, field = tiny_case
+    with pytest.raises(QSMInputError, match="callback_every"):
+        solve_dip(field, mask, VOXEL_MM, settings=dip_settings(**TINY), callback_every=0, device="cpu")
+    with pytest.raises(QSMInputError, match="mask"):
+        solve_dip(field, np.zeros_like(mask), VOXEL_MM, settings=dip_settings(**TINY), device="cpu")
+
+
+# -- behaviour --------------------------------------------------------------------------------------
+
+def test_same_seed_reproduces_bit_for_bit_and_another_seed_differs(tiny_case):
+    a = run_tiny(tiny_case, seed=1)
+    b = run_tiny(tiny_case, seed=1)
+    c = run_tiny(tiny_case, seed=2)
+    assert np.array_equal(a.chi_ppm, b.chi_ppm)
+    assert a.loss_history == b.loss_history
+    assert not np.array_equal(a.chi_ppm, c.chi_ppm)
+
+
+def test_result_shape_units_and_mask(tiny_case):
+    chi, mask, field = tiny_case
+    r = run_tiny(tiny_case)
+    assert r.chi_ppm.shape == field.shape and r.chi_ppm.dtype == np.float32
+    assert np.all(r.chi_ppm[~mask] == 0) and np.any(r.chi_ppm[mask] != 0)
+    assert (r.method, r.iterations, r.stop_reason, r.device) == ("dip", TINY["iterations"], "completed", "cpu")
+    assert len(r.loss_history) == TINY["iterations"] and all(np.isfinite(r.loss_history))
+    # the map is in ppm whatever the internal normalisation: scaling the field scales the result
+    scaled = solve_dip(field * 10, mask, VOXEL_MM, settings=dip_settings(**TINY), device="cpu")
+    np.testing.assert_allclose(scaled.chi_ppm, 10 * r.chi_ppm, rtol=1e-3, atol=1e-6 * np.abs(r.chi_ppm).max())
+
+
+def test_callback_gets_progress_every_k_iterations_and_after_the_last(tiny_case):
+    chi, mask, field = tiny_case
+    seen = []
+    r = solve_dip(field, mask, VOXEL_MM, settings=dip_settings(**{**TINY, "iterations": 7}),
+                  callback=seen.append, callback_every=3, device="cpu")
+    assert [p.iteration for p in seen] == [3, 6, 7]
+    assert all(isinstance(p, Progress) and p.max_iterations == 7 for p in seen)
+    assert all(p.chi_ppm.shape == field.shape and p.chi_ppm.dtype == np.float32 for p in seen)
+    assert all(np.all(p.chi_ppm[~mask] == 0) for p in seen)
+    assert [p.loss for p in seen] == [r.loss_history[i - 1] for i in (3, 6, 7)]
+    assert seen[0].elapsed_s <= seen[-1].elapsed_s
+    np.testing.assert_array_equal(seen[-1].chi_ppm, r.chi_ppm)
+
+
+def test_callback_returning_true_cancels(tiny_case):
+    chi, mask, field = tiny_case
+    seen = []
+
+    def cancel_at_four(progress):
+        seen.append(progress.iteration)
+        return progress.iteration >= 4
+
+    r = solve_dip(field, mask, VOXEL_MM, settings=dip_settings(**{**TINY, "iterations": 50}),
+                  callback=cancel_at_four, callback_every=2, device="cpu")
+    assert r.stop_reason == "cancelled" and r.iterations == 4 and seen == [2, 4]
+    assert len(r.loss_history) == 4
+
+
+def test_time_limit_stops_early_and_reports_the_last_state(tiny_case):
+    chi, mask, field = tiny_case
+    seen = []
+    r = solve_dip(field, mask, VOXEL_MM,
+                  settings=dip_settings(**{**TINY, "iterations": 100000, "max_seconds": 0.5}),
+                  callback=seen.append, callback_every=1000, device="cpu")
+    assert r.stop_reason == "time_limit"
+    assert 1 <= r.iterations < 100000
+    assert r.elapsed_s < 10.0
+    assert [p.iteration for p in seen] == [r.iterations]
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(input="field", data_loss="l2", regulariser="tv"),
+    dict(input="noise", noise_channels=3, data_loss="l1", regulariser="none"),
+    dict(base="tikhonov", ema=0.9, normalise=False, pad_factor=1.0),
+])
+def test_input_modes_losses_and_options_run(tiny_case, overrides):
+    r = run_tiny(tiny_case, **overrides)
+    assert r.stop_reason == "completed" and np.all(np.isfinite(r.chi_ppm))
+    assert r.loss_history[-1] < r.loss_history[0]
+
+
+# -- convergence ------------------------------------------------------------------------------------
+
+def test_dip_beats_tkd_on_a_small_phantom():
+    """The network prior must do better than truncated k-space division within a bounded budget."""
+    chi, mask, field = ellipsoid_phantom((28, 32, 26), noise_ppm=0.001)
+    tkd = solve_tkd(field, mask, VOXEL_MM, settings=TKDSettings(threshold=0.19), device="cpu")
+    reference = nrmse(tkd.chi_ppm, chi, mask)
+    settings = dip_settings("default", width=8, iterations=120, seed=0)
+    result = solve_dip(field, mask, VOXEL_MM, settings=settings, device="cpu")
+    achieved = nrmse(result.chi_ppm, chi, mask)
+    assert achieved < reference, f"DIP NRMSE {achieved:.1f}% vs TKD {reference:.1f}%"

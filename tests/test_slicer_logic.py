@@ -1,0 +1,481 @@
+"""The Slicer module's Qt-free logic against a real MRML scene (slicer-core) and the real worker process.
+
+No mocks: volumes are real vtkMRML*VolumeNodes, files go through real storage nodes, and every
+reconstruction is a real ``python -m qsmdip.worker`` process. Failures are provoked for real: a
+Python without torch, an address-space limit, a process killed from outside, an unwritable path.
+"""
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import venv
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer")
+vtk = pytest.importorskip("vtk")
+
+from qsmdip import io as qio  # noqa: E402
+from qsmdip.errors import QSMInputError  # noqa: E402
+from qsmdip.metrics import all_metrics  # noqa: E402
+from qsmdip.phantom import make_head_phantom  # noqa: E402
+from qsmdip.worker import parse_job  # noqa: E402
+
+from QSMDIPLib.compare import metric_table_rows, metrics_for_nodes, update_difference_node  # noqa: E402
+from QSMDIPLib.job import JobOptions, options_from_panel, prepare_job  # noqa: E402
+from QSMDIPLib.process import WorkerProcess, describe_exit  # noqa: E402
+from QSMDIPLib.session import ReconstructionSession  # noqa: E402
+from QSMDIPLib.streaming import DEFAULT_WINDOW_PPM  # noqa: E402
+from QSMDIPLib.torch_check import check_torch  # noqa: E402
+
+MODULE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "QSMDIP")
+SPACING = (4.0, 4.4, 4.8)
+SHAPE = (24, 26, 22)
+LPS = np.diag([-1.0, -1.0, 1.0])
+POSIX_ONLY = pytest.mark.skipif(os.name != "posix", reason="process groups and signals are POSIX")
+#: One thread per worker: on a busy 2-core machine OpenMP's spinning threads slow small runs a lot.
+WORKER_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+#: A DIP small enough for a test: few channels, two resolution levels.
+TINY_DIP = {"width": 4, "depth": 2, "seed": 0}
+
+
+def rotation(axis: int, degrees: float) -> np.ndarray:
+    c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    a, b = [i for i in range(3) if i != axis]
+    r = np.eye(3)
+    r[a, a], r[a, b], r[b, a], r[b, b] = c, -s, s, c
+    return r
+
+
+#: Oblique RAS direction (columns = world directions of i, j, k), like a tilted DICOM series.
+DIRECTION_RAS = rotation(0, 20.0) @ rotation(2, 10.0) @ LPS
+ORIGIN_RAS = np.array([40.0, -55.0, 12.5])
+
+
+def ijk_to_ras_matrix(direction=DIRECTION_RAS, spacing=SPACING, origin=ORIGIN_RAS) -> np.ndarray:
+    m = np.eye(4)
+    m[:3, :3] = direction @ np.diag(spacing)
+    m[:3, 3] = origin
+    return m
+
+
+def node_matrix(node) -> np.ndarray:
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def add_volume(scene, cls, name, array_ijk, matrix=None):
+    node = scene.AddNewNodeByClass(cls, name)
+    slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(np.asarray(array_ijk).transpose(2, 1, 0)))
+    vm = vtk.vtkMatrix4x4()
+    for r, row in enumerate(ijk_to_ras_matrix() if matrix is None else matrix):
+        for c, value in enumerate(row):
+            vm.SetElement(r, c, value)
+    node.SetIJKToRASMatrix(vm)
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+def node_ijk(node) -> np.ndarray:
+    return np.array(slicer.util.arrayFromVolume(node)).transpose(2, 1, 0).copy()
+
+
+def fingerprint(node):
+    """Everything that would change if an input node were modified: voxels (and their modified time),
+    grid, name, storage and parent transform. (The node's own modified time is left out: MRML bumps it
+    when another node starts observing the same parent transform.)"""
+    return (node.GetName(), node.GetStorageNodeID(), node.GetTransformNodeID(), node.GetImageData().GetMTime(),
+            node_ijk(node).tobytes(), node_matrix(node).tobytes())
+
+
+def group_members(pgid: int):
+    """Live (non-zombie) processes in a process group, from /proc."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                stat = handle.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(entry))
+    return members
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    """Head phantom on the oblique grid: B0 (scanner superior) expressed in the voxel frame."""
+    b0_voxel = DIRECTION_RAS.T @ np.array([0.0, 0.0, 1.0])
+    return make_head_phantom(SHAPE, SPACING, b0_dir=b0_voxel)
+
+
+@pytest.fixture()
+def scene():
+    scene = slicer.vtkMRMLScene()
+    slicer.vtkMRMLColorLogic().SetMRMLScene(scene)  # the default colour tables, as in the application
+    return scene
+
+
+@pytest.fixture()
+def volumes(scene, phantom):
+    field = add_volume(scene, "vtkMRMLScalarVolumeNode", "field", phantom.field_ppm)
+    mask = add_volume(scene, "vtkMRMLLabelMapVolumeNode", "brain", phantom.mask.astype(np.uint8))
+    chi = add_volume(scene, "vtkMRMLScalarVolumeNode", "chi", phantom.chi_ppm)
+    return field, mask, chi
+
+
+@pytest.fixture()
+def temp_root(tmp_path):
+    root = tmp_path / "slicer-temp"
+    root.mkdir()
+    return str(root)
+
+
+def session_for(scene, volumes, options, temp_root, **kwargs):
+    field, mask, chi = volumes
+    kwargs.setdefault("reference_node", chi)
+    kwargs.setdefault("python_command", [sys.executable])
+    kwargs.setdefault("env", WORKER_ENV)
+    return ReconstructionSession(scene, field, mask, options, module_dir=MODULE_DIR, temp_root=temp_root, **kwargs)
+
+
+# -- job preparation ------------------------------------------------------------------------------
+def test_job_files_keep_values_and_oblique_geometry_in_lps(scene, volumes, temp_root, phantom):
+    field, mask, chi = volumes
+    before = [fingerprint(n) for n in volumes]
+    nodes_before = scene.GetNumberOfNodes()
+    job = prepare_job(field, mask, JobOptions(b0_direction_ras=(1.0, 0.0, 0.0)), reference_node=chi,
+                      temp_root=temp_root)
+    try:
+        for node, key in ((field, "field"), (mask, "mask"), (chi, "reference")):
+            volume = qio.read_volume(job.job[key])
+            np.testing.assert_array_equal(volume.array, node_ijk(node))  # same value at the same (i, j, k)
+            assert volume.spacing_mm == pytest.approx(SPACING)
+            assert volume.origin == pytest.approx(LPS @ ORIGIN_RAS)
+            np.testing.assert_allclose(volume.direction, LPS @ DIRECTION_RAS, atol=1e-6)
+        assert qio.read_volume(job.job["mask"]).array.dtype == np.uint8
+        # the library derives the same voxel-frame B0 that made the phantom
+        assert qio.read_volume(job.job["field"]).b0_dir() == pytest.approx(phantom.b0_dir, abs=1e-6)
+        with open(job.job_path) as handle:
+            on_disk = json.load(handle)
+        assert on_disk == job.job
+        assert set(on_disk) == {"protocol", "field", "mask", "reference", "output", "snapshot", "snapshot_every",
+                                "method", "preset", "units", "b0_tesla", "te_s", "b0_direction_world", "device",
+                                "settings"}
+        assert all(os.path.isabs(on_disk[k]) for k in ("field", "mask", "reference", "output", "snapshot"))
+        assert on_disk["b0_direction_world"] == [-1.0, 0.0, 0.0]   # RAS right = LPS -x
+        request = parse_job(on_disk)   # the worker's own parser accepts the job
+        assert request.field_path == job.job["field"] and request.reference_path == job.job["reference"]
+    finally:
+        job.cleanup()
+    assert os.listdir(temp_root) == []
+    assert [fingerprint(n) for n in volumes] == before
+    assert scene.GetNumberOfNodes() == nodes_before
+
+
+def test_job_refuses_mismatched_grid_and_output_that_is_an_input(scene, volumes, temp_root, phantom):
+    field, mask, chi = volumes
+    shifted = ijk_to_ras_matrix(origin=ORIGIN_RAS + np.array([2.0, 0.0, 0.0]))
+    other = add_volume(scene, "vtkMRMLLabelMapVolumeNode", "other", phantom.mask.astype(np.uint8), shifted)
+    with pytest.raises(QSMInputError, match="'other' is not on the field's voxel grid"):
+        prepare_job(field, other, JobOptions(), temp_root=temp_root)
+    small = add_volume(scene, "vtkMRMLLabelMapVolumeNode", "small", phantom.mask[:-1].astype(np.uint8))
+    with pytest.raises(QSMInputError, match="'small' has"):
+        prepare_job(field, small, JobOptions(), temp_root=temp_root)
+    with pytest.raises(QSMInputError, match="is one of the inputs"):
+        prepare_job(field, mask, JobOptions(), output_node=field, temp_root=temp_root)
+    empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
+    with pytest.raises(QSMInputError, match="'empty' holds no image data"):
+        prepare_job(empty, mask, JobOptions(), temp_root=temp_root)
+    assert os.listdir(temp_root) == []
+
+
+def test_panel_options_map_to_the_worker_vocabulary():
+    dip = options_from_panel("DIP", "rad", 7.0, 0.025, "GPU", 5, 300, 0.002, 8, 3)
+    assert (dip.method, dip.units, dip.b0_tesla, dip.te_s, dip.device, dip.snapshot_every) == \
+        ("dip", "rad", 7.0, 0.025, "cuda", 5)
+    assert dip.settings == {"iterations": 300, "learning_rate": 0.002, "width": 8, "seed": 3}
+    tkd = options_from_panel("TKD", "Hz", 3.0, 0.02, "CPU", 10, 300, 0.002, 8, 3)
+    assert (tkd.method, tkd.units, tkd.b0_tesla, tkd.te_s, tkd.device, tkd.settings) == ("tkd", "hz", 3.0, None, "cpu", {})
+    ppm = options_from_panel("Tikhonov", "ppm", 3.0, 0.02, "auto", 10, 1, 0.1, 1, 0)
+    assert (ppm.b0_tesla, ppm.te_s) == (None, None)
+    with pytest.raises(QSMInputError, match="unknown method 'MEDI'"):
+        options_from_panel("MEDI", "ppm", 3.0, 0.02, "auto", 10, 1, 0.1, 1, 0)
+
+
+# -- reconstructions through the real worker -------------------------------------------------------
+def test_tkd_on_an_oblique_volume_matches_the_library_and_fills_a_new_output(scene, volumes, temp_root, phantom):
+    from qsmdip.solvers.tkd import solve_tkd
+
+    field, mask, chi = volumes
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "registration")
+    field.SetAndObserveTransformNodeID(transform.GetID())
+    before = [fingerprint(n) for n in volumes]
+    session = session_for(scene, volumes, JobOptions(method="tkd", device="cpu"), temp_root)
+    session.start()
+    state = session.wait(120)
+    assert state.phase == "done", state.message
+    assert state.device.startswith("CPU") and state.device in state.message
+
+    output = session.output_node
+    assert output.GetName() == "field_QSM" and scene.GetNodeByID(output.GetID()) is output
+    np.testing.assert_allclose(node_matrix(output), node_matrix(field), atol=1e-6)
+    assert output.GetTransformNodeID() == transform.GetID()
+    display = output.GetDisplayNode()
+    assert display.GetColorNodeID() == "vtkMRMLColorTableNodeGrey"
+    assert (display.GetWindowLevelMin(), display.GetWindowLevelMax()) == pytest.approx(DEFAULT_WINDOW_PPM)
+
+    # the worker's map is the library's TKD with B0 along the scanner axis, not along the slices
+    expected = solve_tkd(phantom.field_ppm, phantom.mask, SPACING, b0_dir=phantom.b0_dir, device="cpu").chi_ppm
+    along_slices = solve_tkd(phantom.field_ppm, phantom.mask, SPACING, b0_dir=(0, 0, 1), device="cpu").chi_ppm
+    result = node_ijk(output)
+    np.testing.assert_allclose(result, expected, atol=1e-5)
+    assert np.abs(result - along_slices).max() > 100 * 1e-5
+
+    ours = metrics_for_nodes(output, chi, mask)
+    assert ours == pytest.approx(state.metrics, rel=1e-6, abs=1e-9)   # the worker scored the same map
+    assert ours["nrmse"] == pytest.approx(all_metrics(expected, phantom.chi_ppm, phantom.mask)["nrmse"], rel=1e-4)
+    assert not os.path.exists(session.job.work_dir) and os.listdir(temp_root) == []
+    assert [fingerprint(n) for n in volumes] == before
+
+
+def test_dip_snapshots_stream_into_the_chosen_output_in_place(scene, volumes, temp_root):
+    output = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "my QSM")
+    output.CreateDefaultDisplayNodes()
+    output.GetDisplayNode().AutoWindowLevelOff()
+    output.GetDisplayNode().SetWindowLevelMinMax(-0.3, 0.25)
+    options = JobOptions(method="dip", device="cpu", snapshot_every=1, settings={**TINY_DIP, "iterations": 4})
+    session = session_for(scene, volumes, options, temp_root, output_node=output)
+    session.start()
+    seen, image_ids, progress = [], set(), []
+    deadline = time.monotonic() + 120
+    while not session.finished and time.monotonic() < deadline:
+        loaded = session.state.snapshots_loaded
+        state = session.poll()
+        progress.append(state.progress_percent())
+        if state.snapshots_loaded > loaded and not state.finished:
+            seen.append((state.snapshot_iteration, node_ijk(output), dict(state.metrics)))
+            image_ids.add(output.GetImageData().GetAddressAsString("vtkImageData"))
+        time.sleep(0.02)
+    assert state.phase == "done", state.message
+    assert session.output_node is output and output.GetName() == "my QSM"
+    assert [it for it, _, _ in seen] == sorted(it for it, _, _ in seen) and len(seen) >= 2
+    assert not np.array_equal(seen[0][1], seen[-1][1])         # the estimate changed between snapshots
+    image_ids.add(output.GetImageData().GetAddressAsString("vtkImageData"))
+    assert len(image_ids) == 1                                  # same vtkImageData, updated in place
+    assert (output.GetDisplayNode().GetWindowLevelMin(), output.GetDisplayNode().GetWindowLevelMax()) == \
+        pytest.approx((-0.3, 0.25))
+    assert state.iteration == state.max_iterations == 4 and progress == sorted(progress) and progress[-1] == 100
+    assert "iteration 4/4" in state.progress_text()
+    assert set(state.metrics) >= {"nrmse", "hfen", "ssim", "xsim", "psnr"}
+    assert all(math.isfinite(v) for v in state.metrics.values())
+    assert os.listdir(temp_root) == []
+
+
+@POSIX_ONLY
+def test_cancel_ends_the_process_tree_behind_a_launcher_and_keeps_the_last_snapshot(scene, volumes, temp_root):
+    # A shell that runs Python as its child, as the PythonSlicer launcher does.
+    launcher = ["/bin/sh", "-c", '"$@"; exit $?', "qsmdip-launcher", sys.executable]
+    options = JobOptions(method="dip", device="cpu", snapshot_every=1, settings={**TINY_DIP, "iterations": 500})
+    session = session_for(scene, volumes, options, temp_root, python_command=launcher)
+    session.start()
+    pgid = session.worker.pid
+    state = session.state
+    deadline = time.monotonic() + 120
+    while state.snapshots_loaded == 0 and not state.finished and time.monotonic() < deadline:
+        state = session.poll()
+        time.sleep(0.02)
+    assert state.snapshots_loaded >= 1 and not state.finished, state.message
+    assert len(group_members(pgid)) >= 2          # the launcher and the Python worker
+    session.cancel()
+    last = node_ijk(session.output_node)
+    while not state.finished and time.monotonic() < deadline:
+        loaded = state.snapshots_loaded
+        state = session.poll()
+        if state.snapshots_loaded > loaded:
+            last = node_ijk(session.output_node)
+        time.sleep(0.02)
+    assert state.phase == "cancelled", state.message
+    assert f"snapshot of iteration {state.snapshot_iteration}" in state.message
+    assert state.snapshot_iteration < 500
+    assert group_members(pgid) == []
+    np.testing.assert_array_equal(node_ijk(session.output_node), last)
+    mask = node_ijk(volumes[1]) > 0
+    assert np.any(last[mask] != 0) and not np.any(last[~mask])
+    assert os.listdir(temp_root) == []
+
+
+@POSIX_ONLY
+def test_cancel_kills_a_worker_that_does_not_stop_in_time(scene, volumes, temp_root):
+    options = JobOptions(method="dip", device="cpu", snapshot_every=1000, settings={**TINY_DIP, "iterations": 2000})
+    session = session_for(scene, volumes, options, temp_root, grace_s=0.2)
+    session.start()
+    deadline = time.monotonic() + 120
+    while not session.state.device and time.monotonic() < deadline:
+        session.poll()
+        time.sleep(0.02)
+    session.cancel()
+    cancelled_at = time.monotonic()
+    state = session.wait(30)
+    assert state.phase == "cancelled" and "no snapshot had arrived" in state.message
+    assert session.worker.exit.returncode == -signal.SIGKILL   # escalated after the grace period
+    assert time.monotonic() - cancelled_at < 10
+    assert group_members(session.worker.pid) == [] and os.listdir(temp_root) == []
+
+
+@POSIX_ONLY
+def test_worker_killed_from_outside_is_reported_as_a_crash(scene, volumes, temp_root):
+    options = JobOptions(method="dip", device="cpu", snapshot_every=1000, settings={**TINY_DIP, "iterations": 2000})
+    session = session_for(scene, volumes, options, temp_root)
+    session.start()
+    deadline = time.monotonic() + 120
+    while not session.state.device and time.monotonic() < deadline:
+        session.poll()
+        time.sleep(0.02)
+    os.kill(session.worker.pid, signal.SIGKILL)   # what the system's out-of-memory killer does
+    state = session.wait(30)
+    assert state.phase == "failed" and state.error_kind == "crashed"
+    assert "SIGKILL" in state.message and "out of memory" in state.message
+    assert os.listdir(temp_root) == []
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and shutil.which("prlimit")), reason="needs prlimit")
+def test_out_of_memory_is_reported_with_the_workers_message(scene, volumes, temp_root):
+    # A 3 GiB address-space limit (a small machine) and a network far too wide for it: the first large
+    # weight tensor cannot be allocated (the limit keeps the test from really filling this machine's RAM).
+    limited = ["prlimit", f"--as={3 * 1024 ** 3}", sys.executable]
+    options = JobOptions(method="dip", device="cpu", settings={"width": 8192, "depth": 2, "iterations": 2})
+    session = session_for(scene, volumes, options, temp_root, python_command=limited)
+    session.start()
+    state = session.wait(120)
+    assert state.phase == "failed" and state.error_kind == "out_of_memory", state.message
+    assert "allocate" in state.message and session.worker.exit.returncode == 3
+    assert os.listdir(temp_root) == []
+
+
+@pytest.fixture(scope="module")
+def python_without_torch(tmp_path_factory):
+    """A real virtual environment with this one's packages (NumPy, SciPy, SimpleITK...) except torch."""
+    import numpy
+
+    root = tmp_path_factory.mktemp("no-torch") / "venv"
+    venv.EnvBuilder(with_pip=False, symlinks=os.name != "nt").create(root)
+    python = str(root / ("Scripts/python.exe" if os.name == "nt" else "bin/python"))
+    target = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    source = os.path.dirname(os.path.dirname(numpy.__file__))
+    for name in os.listdir(source):
+        if not name.lower().startswith(("torch", "functorch", "nvidia", "triton")):
+            os.symlink(os.path.join(source, name), os.path.join(target, name))
+    probe = subprocess.run([python, "-c", "import numpy, SimpleITK; import torch"], capture_output=True, text=True)
+    assert "No module named 'torch'" in probe.stderr
+    return python
+
+
+def test_missing_torch_is_reported_by_the_check_and_by_the_worker(scene, volumes, temp_root, python_without_torch):
+    import torch
+
+    status = check_torch([python_without_torch], MODULE_DIR)
+    assert not status.available and status.torch_version is None
+    assert "PyTorch is not installed" in status.message and "No module named 'torch'" in status.message
+    assert status.python_version == "{}.{}.{}".format(*sys.version_info[:3])
+    here = check_torch([sys.executable], MODULE_DIR)
+    assert here.available and here.torch_version == torch.__version__
+    assert here.cuda_available == torch.cuda.is_available() and torch.__version__ in here.message
+
+    session = session_for(scene, volumes, JobOptions(method="tkd"), temp_root, python_command=[python_without_torch])
+    session.start()
+    state = session.wait(60)
+    assert state.phase == "failed" and state.error_kind == "missing_dependency"
+    assert "PyTorch is not installed" in state.message and python_without_torch in state.message
+    assert session.worker.exit.returncode == 4 and os.listdir(temp_root) == []
+
+
+def test_input_error_is_reported_with_the_workers_message(scene, volumes, temp_root):
+    session = session_for(scene, volumes, JobOptions(method="tkd", units="hz"), temp_root)
+    session.start()
+    state = session.wait(60)
+    assert state.phase == "failed" and state.error_kind == "input"
+    assert "B0 field strength" in state.message and session.worker.exit.returncode == 2
+    assert os.listdir(temp_root) == []
+
+
+def test_worker_failure_while_writing_is_reported_and_cleaned_up(scene, volumes, temp_root):
+    field, mask, chi = volumes
+    job = prepare_job(field, mask, JobOptions(method="tkd", device="cpu"), temp_root=temp_root)
+    blocker = os.path.join(job.work_dir, "blocker")
+    open(blocker, "w").close()
+    job.job["snapshot"] = os.path.join(blocker, "snapshot.nrrd")   # a folder that is a file
+    with open(job.job_path, "w") as handle:
+        json.dump(job.job, handle)
+    worker = WorkerProcess(job.job_path, [sys.executable], MODULE_DIR, env=WORKER_ENV)
+    worker.start()
+    messages = worker.wait(60)
+    job.cleanup()
+    assert [m["event"] for m in messages][0] == "started"
+    error = next(m for m in messages if m["event"] == "error")
+    # the worker's own classification and words reach the caller unchanged
+    assert (worker.exit.kind, worker.exit.message) == (error["kind"], error["message"])
+    assert {"internal": 1, "input": 2}[worker.exit.kind] == worker.exit.returncode
+    assert "blocker" in worker.exit.message
+    assert os.listdir(temp_root) == []
+
+
+def test_a_python_that_cannot_start_fails_cleanly(scene, volumes, temp_root, tmp_path):
+    missing = str(tmp_path / "no-such-python")
+    session = session_for(scene, volumes, JobOptions(method="tkd"), temp_root, python_command=[missing])
+    state = session.start()
+    assert state.phase == "failed" and missing in state.message
+    assert os.listdir(temp_root) == []
+    status = check_torch([missing])
+    assert not status.available and missing in status.message
+
+
+# -- exit statuses, metrics, difference volume -------------------------------------------------------
+def test_exit_statuses_map_to_outcomes():
+    said = {"event": "error", "kind": "out_of_memory", "message": "CUDA out of memory. Tried to allocate 2 GiB"}
+    assert describe_exit(3, said, False, []).message == said["message"]
+    assert describe_exit(0, None, False, []).kind == "done"
+    assert describe_exit(5, None, True, []).kind == "cancelled"
+    assert describe_exit(-15, None, True, []).kind == "cancelled"
+    crash = describe_exit(-11, None, False, ["Fatal Python error: Segmentation fault", ""])
+    assert crash.kind == "crashed" and "SIGSEGV" in crash.message and "Segmentation fault" in crash.message
+    assert describe_exit(4, None, False, []).kind == "missing_dependency"
+    assert describe_exit(3, None, False, ["Killed"]).kind == "out_of_memory"
+    assert describe_exit(77, None, False, ["boom"]).kind == "crashed"
+
+
+def test_metrics_and_difference_volume_from_nodes(scene, volumes, phantom):
+    field, mask, chi = volumes
+    rng = np.random.default_rng(0)
+    estimate = (phantom.chi_ppm * 0.8 + rng.normal(0, 0.01, SHAPE) * phantom.mask).astype(np.float32)
+    qsm = add_volume(scene, "vtkMRMLScalarVolumeNode", "estimate", estimate)
+    metrics = metrics_for_nodes(qsm, chi, mask)
+    assert metrics == pytest.approx(all_metrics(estimate, phantom.chi_ppm, phantom.mask))
+    rows = dict(metric_table_rows(metrics))
+    assert list(rows) == ["NRMSE", "HFEN", "SSIM", "XSIM", "PSNR"]
+    assert rows["NRMSE"] == f"{metrics['nrmse']:.2f} %" and rows["PSNR"].endswith(" dB")
+    assert dict(metric_table_rows(None))["SSIM"] == "-"
+
+    difference = update_difference_node(scene, qsm, chi, mask)
+    assert difference.GetName() == "estimate_minus_reference"
+    np.testing.assert_allclose(node_matrix(difference), node_matrix(qsm))
+    inside = phantom.mask
+    expected = (estimate - estimate[inside].mean()) - (phantom.chi_ppm - phantom.chi_ppm[inside].mean())
+    np.testing.assert_allclose(node_ijk(difference)[inside], expected[inside], atol=1e-6)
+    assert not np.any(node_ijk(difference)[~inside])
+    again = update_difference_node(scene, qsm, chi, mask, difference)
+    assert again is difference
+    shifted = add_volume(scene, "vtkMRMLScalarVolumeNode", "shifted", estimate,
+                         ijk_to_ras_matrix(origin=ORIGIN_RAS + 5.0))
+    with pytest.raises(QSMInputError, match="not on the reference's voxel grid"):
+        metrics_for_nodes(shifted, chi, mask)

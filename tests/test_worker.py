@@ -1,0 +1,129 @@
+"""The background worker process (docs/WORKER_PROTOCOL.md), run for real as a subprocess."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from qsmdip import io as qio
+from qsmdip.phantom import make_head_phantom
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "QSMDIP"), PYTHONUNBUFFERED="1")
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("worker")
+    ph = make_head_phantom(None, (5.0, 5.0, 5.0), snr=200, seed=0)
+    geometry = dict(spacing_mm=(5.0, 5.0, 5.0), origin=(1.0, -2.0, 3.0))
+    paths = {}
+    for name, array in (("field", ph.field_ppm), ("mask", ph.mask.astype(np.float32)), ("chi", ph.chi_ppm)):
+        paths[name] = str(d / f"{name}.nrrd")
+        qio.write_volume(paths[name], array, **geometry)
+    return d, paths
+
+
+def job_file(tmp_path, paths, **overrides):
+    job = {"protocol": 1, "field": paths["field"], "mask": paths["mask"], "reference": paths["chi"],
+           "output": str(tmp_path / "qsm.nrrd"), "snapshot": str(tmp_path / "snapshot.nrrd"),
+           "snapshot_every": 2, "method": "tkd", "device": "cpu"}
+    job.update(overrides)
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps(job))
+    return str(path)
+
+
+def messages(stdout):
+    out = []
+    for line in stdout.splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            out.append(json.loads(line))
+    return out
+
+
+def run_worker(job, python=sys.executable, timeout=300):
+    proc = subprocess.run([python, "-m", "qsmdip.worker", job], capture_output=True, text=True, env=ENV,
+                          timeout=timeout)
+    return proc.returncode, messages(proc.stdout), proc.stderr
+
+
+def test_tv_job_streams_progress_snapshots_and_done(inputs, tmp_path):
+    _, paths = inputs
+    code, msgs, err = run_worker(job_file(tmp_path, paths, method="tv", settings={"iterations": 4}))
+    assert code == 0, err
+    events = [m["event"] for m in msgs]
+    assert events[0] == "started" and events[-1] == "done"
+    assert all(m["protocol"] == 1 for m in msgs)
+    assert [m["iteration"] for m in msgs if m["event"] == "progress"] == [2, 4]
+    snaps = [m for m in msgs if m["event"] == "snapshot"]
+    assert [s["iteration"] for s in snaps] == [2, 4]
+    assert set(snaps[-1]["metrics"]) >= {"nrmse", "hfen", "ssim", "xsim", "psnr"}
+    done = msgs[-1]
+    out = qio.read_volume(done["path"])
+    assert out.same_geometry(qio.read_volume(paths["field"]))
+    assert done["metrics"]["nrmse"] == pytest.approx(snaps[-1]["metrics"]["nrmse"], rel=1e-6)
+    assert "CPU" in msgs[0]["device"]
+
+
+def test_input_error_is_reported_with_exit_2(inputs, tmp_path):
+    _, paths = inputs
+    code, msgs, _ = run_worker(job_file(tmp_path, dict(paths, mask=str(tmp_path / "missing.nrrd"))))
+    assert code == 2
+    assert msgs[-1]["event"] == "error" and msgs[-1]["kind"] == "input"
+    assert "missing.nrrd" in msgs[-1]["message"]
+    code, msgs, _ = run_worker(job_file(tmp_path, paths, settings={"no_such_setting": 1}))
+    assert code == 2 and "no_such_setting" in msgs[-1]["message"]
+    code, msgs, _ = run_worker(job_file(tmp_path, paths, protocol=99))
+    assert code == 2 and "protocol" in msgs[-1]["message"]
+
+
+def test_missing_torch_is_reported_with_exit_4(inputs, tmp_path):
+    """A Python without torch (the machine's base interpreter, when it has none) gets a clear message."""
+    candidates = [os.path.join(sys.base_prefix, "bin", "python3")]
+    python = next((p for p in candidates if os.path.exists(p)), None)
+    probe = subprocess.run([python, "-c", "import torch"], capture_output=True) if python else None
+    if python is None or probe.returncode == 0:
+        pytest.skip("no Python without torch on this machine")
+    _, paths = inputs
+    code, msgs, _ = run_worker(job_file(tmp_path, paths), python=python)
+    assert code == 4
+    assert msgs[-1]["kind"] == "missing_dependency" and "PyTorch" in msgs[-1]["message"]
+
+
+def test_out_of_memory_is_reported_with_exit_3(inputs, tmp_path):
+    """A network far too wide to allocate: torch's own allocator error becomes an out_of_memory report."""
+    _, paths = inputs
+    code, msgs, err = run_worker(job_file(tmp_path, paths, method="dip", settings={"iterations": 2, "width": 200000}))
+    assert code == 3, (msgs, err[-2000:])
+    assert msgs[-1]["kind"] == "out_of_memory"
+    assert "alloc" in msgs[-1]["message"].lower() or "memory" in msgs[-1]["message"].lower()
+
+
+def test_sigterm_cancels_and_keeps_the_last_snapshot(inputs, tmp_path):
+    _, paths = inputs
+    job = job_file(tmp_path, paths, method="dip", reference=None, snapshot_every=1,
+                   settings={"iterations": 5000})
+    proc = subprocess.Popen([sys.executable, "-m", "qsmdip.worker", job], stdout=subprocess.PIPE, text=True, env=ENV)
+    seen = []
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.extend(messages(line))
+        if any(m["event"] == "snapshot" for m in seen):
+            break
+    assert any(m["event"] == "snapshot" for m in seen), seen
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 5
+    final = messages(rest)[-1]
+    assert final["event"] == "error" and final["kind"] == "cancelled"
+    assert os.path.exists(tmp_path / "snapshot.nrrd")
+    assert not os.path.exists(tmp_path / "qsm.nrrd")
