@@ -69,7 +69,7 @@ def noisy():
     return make_phantom(noise_ppm=NOISE_PPM)
 
 
-FAST_TV = TVSettings(max_iterations=60)
+FAST_TV = TVSettings(iterations=60)
 
 
 def test_tkd_recovers_phantom(clean):
@@ -118,7 +118,7 @@ def test_tv_recovers_and_beats_tkd_on_piecewise_constant(noisy):
 
 def test_tv_converges_before_the_cap(clean):
     chi, mask, field = clean
-    result = solve_tv(field, mask, ISO, settings=TVSettings(max_iterations=500, tolerance=5e-3), device="cpu")
+    result = solve_tv(field, mask, ISO, settings=TVSettings(iterations=500, tolerance=5e-3), device="cpu")
     assert result.stop_reason == "converged"
     assert result.iterations < 500
 
@@ -131,7 +131,7 @@ def test_tv_callback_progress_and_cancel(clean):
         seen.append(progress)
         return False
 
-    full = solve_tv(field, mask, ISO, settings=TVSettings(max_iterations=12, tolerance=0.0),
+    full = solve_tv(field, mask, ISO, settings=TVSettings(iterations=12, tolerance=0.0),
                     callback=watch, callback_every=5, device="cpu")
     assert full.stop_reason == "completed" and full.iterations == 12
     assert [p.iteration for p in seen] == [5, 10, 12]   # every 5, and after the last one
@@ -147,7 +147,7 @@ def test_tv_callback_progress_and_cancel(clean):
         calls.append(progress.iteration)
         return progress.iteration >= 4
 
-    cancelled = solve_tv(field, mask, ISO, settings=TVSettings(max_iterations=50, tolerance=0.0),
+    cancelled = solve_tv(field, mask, ISO, settings=TVSettings(iterations=50, tolerance=0.0),
                          callback=cancel, callback_every=2, device="cpu")
     assert cancelled.stop_reason == "cancelled"
     assert cancelled.iterations == 4 and calls == [2, 4]
@@ -156,7 +156,7 @@ def test_tv_callback_progress_and_cancel(clean):
 
 def test_tv_time_limit(clean):
     chi, mask, field = clean
-    result = solve_tv(field, mask, ISO, settings=TVSettings(max_iterations=100000, tolerance=0.0,
+    result = solve_tv(field, mask, ISO, settings=TVSettings(iterations=100000, tolerance=0.0,
                                                               max_seconds=0.3), device="cpu")
     assert result.stop_reason == "time_limit"
     assert 1 <= result.iterations < 100000
@@ -208,7 +208,7 @@ def test_output_shape_dtype_and_zero_outside_mask(solve, clean):
     chi, mask, field = clean
     # The field outside the mask must be ignored: garbage there changes nothing.
     dirty = np.where(mask, field, 5.0).astype(np.float32)
-    kwargs = {"settings": TVSettings(max_iterations=5)} if solve is solve_tv else {}
+    kwargs = {"settings": TVSettings(iterations=5)} if solve is solve_tv else {}
     result = solve(dirty, mask.astype(np.uint8), ISO, device="cpu", **kwargs)
     reference = solve(field, mask, ISO, device="cpu", **kwargs)
     assert result.chi_ppm.shape == SHAPE and result.chi_ppm.dtype == np.float32
@@ -237,7 +237,7 @@ def test_bad_input_raises(solve, clean):
     lambda: TKDSettings(threshold=0.0), lambda: TKDSettings(threshold=0.7), lambda: TKDSettings(pad_factor=0.5),
     lambda: TikhonovSettings(lambda_=0.0), lambda: TikhonovSettings(lambda_=-1.0),
     lambda: TVSettings(alpha=0.0), lambda: TVSettings(mu1=-1.0), lambda: TVSettings(mu2=0.0),
-    lambda: TVSettings(max_iterations=0), lambda: TVSettings(max_iterations=2.5),
+    lambda: TVSettings(iterations=0), lambda: TVSettings(iterations=2.5),
     lambda: TVSettings(tolerance=-1e-3), lambda: TVSettings(max_seconds=0.0),
 ])
 def test_bad_settings_raise(make):

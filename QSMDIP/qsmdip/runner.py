@@ -109,10 +109,8 @@ def load_inputs(request: ReconstructionRequest) -> LoadedInputs:
 
 
 def _max_iterations(settings: Any) -> int:
-    for name in ("iterations", "max_iterations"):
-        if hasattr(settings, name):
-            return int(getattr(settings, name))
-    return 0
+    """Planned iterations of an iterative method's settings; 0 for the closed-form ones."""
+    return int(getattr(settings, "iterations", 0))
 
 
 def _write_snapshot(request: ReconstructionRequest, like: qio.Volume, chi: np.ndarray, iteration: int) -> Optional[str]:

@@ -234,6 +234,8 @@ def solve_dip(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[f
     in_channels = 1 if settings.input == "field" else settings.noise_channels
     net = UNet3d(in_channels, 1, width=settings.width, depth=settings.depth)
     net.reset_parameters(generator)
+    if settings.base != "none":
+        torch.nn.init.zeros_(net.head.weight)  # start the fit from the base estimate itself
     net.to(torch_device)
     if settings.input == "field":
         net_input = field_t[None, None].clone()

@@ -45,7 +45,7 @@ class TVSettings:
             flatter, more cartoon-like maps.
         mu1: ADMM penalty of the gradient splitting (> 0); None means 100 * alpha, FANSI's rule.
         mu2: ADMM penalty of the data splitting (> 0), 1 as in FANSI.
-        max_iterations: iteration cap (>= 1).
+        iterations: iteration cap (>= 1).
         tolerance: stop with 'converged' once ||chi_k - chi_(k-1)|| / ||chi_k|| inside the mask falls
             below it (>= 0; 0 runs all iterations).
         max_seconds: stop with 'time_limit' after this wall time (None: no limit).
@@ -55,7 +55,7 @@ class TVSettings:
     alpha: float = 4e-4
     mu1: Optional[float] = None
     mu2: float = 1.0
-    max_iterations: int = 150
+    iterations: int = 150
     tolerance: float = 1e-3
     max_seconds: Optional[float] = None
     pad_factor: float = 2.0
@@ -65,8 +65,8 @@ class TVSettings:
             value = float(getattr(self, name))
             if not (value > 0.0 and np.isfinite(value)):
                 raise QSMInputError(f"TV {name} must be a positive number, got {getattr(self, name)}")
-        if int(self.max_iterations) != self.max_iterations or self.max_iterations < 1:
-            raise QSMInputError(f"max_iterations must be a whole number >= 1, got {self.max_iterations}")
+        if int(self.iterations) != self.iterations or self.iterations < 1:
+            raise QSMInputError(f"TV iterations must be a whole number >= 1, got {self.iterations}")
         if not (float(self.tolerance) >= 0.0):
             raise QSMInputError(f"tolerance must be >= 0, got {self.tolerance}")
         if self.max_seconds is not None and not (float(self.max_seconds) > 0.0):
@@ -115,7 +115,7 @@ def solve_tv(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[fl
     torch_device, _ = resolve_device(device)
     crop = crop_to_mask(field32, mask_bool)
     alpha, mu1, mu2 = float(settings.alpha), settings.gradient_penalty, float(settings.mu2)
-    max_iterations = int(settings.max_iterations)
+    max_iterations = int(settings.iterations)
 
     with torch.no_grad():
         op = DipoleOperator(crop.field_ppm.shape, voxel_size_mm, b0_dir, pad_factor=settings.pad_factor,
