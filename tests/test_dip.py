@@ -79,7 +79,7 @@ def test_unknown_preset_or_field_names_it():
     ("betas", (0.9,)), ("betas", (0.5, 1.0)), ("width", 0), ("depth", 0), ("input", "image"),
     ("noise_channels", 0), ("data_loss", "huber"), ("regulariser", "l0"), ("reg_weight", -0.1),
     ("seed", -1), ("mixed_precision", "yes"), ("max_seconds", 0.0), ("pad_factor", 0.5),
-    ("base", "tkd2"), ("base_lambda", 0.0), ("ema", 1.0),
+    ("base", "tkd2"), ("base_iterations", 0), ("input_jitter", -1.0), ("ema", 1.0),
 ])
 def test_invalid_settings_name_the_bad_value(field, value):
     with pytest.raises(QSMInputError, match=field):

@@ -33,10 +33,10 @@ from ..networks import UNet3d
 from ..operator import DipoleOperator
 from .base import Callback, Progress, SolveResult, Stopwatch, check_inputs, crop_to_mask
 
-INPUT_MODES = ("noise", "field")
 DATA_LOSSES = ("l1", "l2")
 REGULARISERS = ("none", "laplacian", "tv")
-BASES = ("none", "tikhonov")
+INPUT_MODES = ("noise", "field", "base")
+BASES = ("none", "tikhonov", "tv")
 
 
 def _is_int(value: object) -> bool:
@@ -60,25 +60,27 @@ class DIPSettings:
     betas: Tuple[float, float] = (0.5, 0.999)  #: Adam moment decays, each in [0, 1)
     width: int = 16                            #: U-Net channels at full resolution (>= 1)
     depth: int = 3                             #: U-Net stride-2 downsamplings (>= 1)
-    input: str = "noise"                       #: network input: "noise" (fixed Gaussian) or "field"
+    input: str = "noise"                       #: network input: "noise" (fixed Gaussian), "field" or "base"
     noise_channels: int = 1                    #: channels of the noise input (>= 1; ignored for "field")
     data_loss: str = "l1"                      #: "l1" (mean |r|) or "l2" (mean r^2) of the masked residual
-    regulariser: str = "laplacian"             #: "none", "laplacian" (26-neighbour, L1) or "tv" (anisotropic)
+    regulariser: str = "laplacian"             #: "none", "laplacian" (26-neighbour, L1) or "tv" (isotropic, per mm)
     reg_weight: float = 1e-3                   #: weight of the regulariser (>= 0)
     seed: int = 0                              #: seeds the weights and the noise input (>= 0)
     mixed_precision: bool = False              #: bf16/fp16 autocast of the network on CUDA (FFTs stay fp32)
     max_seconds: Optional[float] = None        #: wall-time limit in seconds (> 0), None for none
     pad_factor: float = 2.0                    #: FFT zero-padding factor (>= 1; 2 avoids wrap-around)
     normalise: bool = True                     #: fit the field divided by its RMS in the mask (not in the original)
-    base: str = "none"                         #: "none" or "tikhonov": chi = closed-form estimate + network
-    base_lambda: float = 0.05                  #: Tikhonov weight of the "tikhonov" base (> 0)
+    base: str = "none"                         #: "none", "tikhonov" or "tv": chi = classical estimate + network
+    base_iterations: int = 150                 #: TV-ADMM iterations of the "tv" base (>= 1)
+    input_jitter: float = 0.0                  #: std of fresh noise added to the noise input each step (>= 0)
     ema: float = 0.0                           #: decay of an exponential moving average of the output (0 = off)
 
     def __post_init__(self) -> None:
         def bad(name: str, rule: str) -> QSMInputError:
             return QSMInputError(f"DIP setting {name}={getattr(self, name)!r} is invalid: {rule}")
 
-        for name, minimum in (("iterations", 1), ("width", 1), ("depth", 1), ("noise_channels", 1), ("seed", 0)):
+        for name, minimum in (("iterations", 1), ("width", 1), ("depth", 1), ("noise_channels", 1), ("seed", 0),
+                              ("base_iterations", 1)):
             value = getattr(self, name)
             if not _is_int(value) or value < minimum:
                 raise bad(name, f"must be an integer >= {minimum}")
@@ -102,8 +104,10 @@ class DIPSettings:
             raise bad("max_seconds", "must be a positive number of seconds or None")
         if not _is_number(self.pad_factor) or self.pad_factor < 1:
             raise bad("pad_factor", "must be a number >= 1")
-        if not _is_number(self.base_lambda) or self.base_lambda <= 0:
-            raise bad("base_lambda", "must be a positive number")
+        if not _is_number(self.input_jitter) or self.input_jitter < 0:
+            raise bad("input_jitter", "must be a number >= 0")
+        if self.input == "base" and self.base == "none":
+            raise bad("input", "'base' needs a base estimate (base 'tikhonov' or 'tv')")
         if not _is_number(self.ema) or not 0 <= self.ema < 1:
             raise bad("ema", "must be a number in [0, 1)")
 
@@ -165,18 +169,18 @@ class _Regulariser:
             self.region = mask
         self.count = float(self.region.sum())
         self.stencil = _neighbour_weights(voxel_size_mm).to(mask.device)
-        self.inv_h = [min(voxel_size_mm) / h for h in voxel_size_mm]
+        self.voxel_size_mm = tuple(float(h) for h in voxel_size_mm)
 
     def __call__(self, chi: torch.Tensor) -> torch.Tensor:
         if self.kind == "laplacian":
             lap = F.conv3d(chi[None, None], self.stencil, padding=1)[0, 0]
             return (lap.abs() * self.region).sum() / self.count
         if self.kind == "tv":
-            total = chi.new_zeros(())
-            for axis, inv_h in enumerate(self.inv_h):
-                diff = torch.diff(chi, dim=axis, append=chi.narrow(axis, chi.shape[axis] - 1, 1)) * inv_h
-                total = total + (diff.abs() * self.region).sum()
-            return total / self.count
+            squared = chi.new_zeros(chi.shape)
+            for axis, h in enumerate(self.voxel_size_mm):
+                diff = torch.diff(chi, dim=axis, append=chi.narrow(axis, chi.shape[axis] - 1, 1)) / h
+                squared = squared + diff.square()
+            return (torch.sqrt(squared + 1e-12) * self.region).sum() / self.count
         return chi.new_zeros(())
 
 
@@ -189,10 +193,34 @@ def _device_label(device: torch.device) -> str:
     return str(device)
 
 
-def _tikhonov_estimate(op: DipoleOperator, field: torch.Tensor, mask: torch.Tensor, lam: float) -> torch.Tensor:
-    """Closed-form argmin |D chi - f|^2 + lam |chi|^2 = F^-1[D / (D^2 + lam) F f], masked."""
-    kfilter = op.kernel / (op.kernel ** 2 + lam)
-    return op.apply_kspace_filter(field, kfilter) * mask
+def _base_estimate(settings: DIPSettings, field32: np.ndarray, mask: np.ndarray, voxel_size: Sequence[float],
+                   b0: Sequence[float], device: str, callback: Optional[Callback], callback_every: int,
+                   max_iterations: int) -> Tuple[np.ndarray, bool]:
+    """The classical estimate (ppm, full volume) the network corrects, and whether the user cancelled.
+
+    It is the library's own Tikhonov or TV-ADMM solver with its default weight. Its progress reaches the
+    callback as iteration 0 of the DIP run, so a caller sees the base map early and can cancel during it.
+    """
+    from .tikhonov import solve_tikhonov
+    from .tv import TVSettings, solve_tv
+
+    cancelled = False
+
+    def forward(progress: Progress) -> bool:
+        nonlocal cancelled
+        if callback is not None and callback(dataclasses.replace(progress, iteration=0,
+                                                                 max_iterations=max_iterations)):
+            cancelled = True
+        return cancelled
+
+    if settings.base == "tikhonov":
+        result = solve_tikhonov(field32, mask, voxel_size, b0_dir=b0, device=device)
+    else:
+        tv_settings = TVSettings(iterations=settings.base_iterations, pad_factor=settings.pad_factor,
+                                 max_seconds=settings.max_seconds)
+        result = solve_tv(field32, mask, voxel_size, b0_dir=b0, settings=tv_settings, device=device,
+                          callback=forward if callback is not None else None, callback_every=callback_every)
+    return result.chi_ppm, cancelled
 
 
 def solve_dip(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[float], *,
@@ -218,6 +246,14 @@ def solve_dip(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[f
     torch_device, _ = resolve_device(device)
     clock = Stopwatch(settings.max_seconds)
 
+    base_ppm = None
+    if settings.base != "none":
+        base_ppm, cancelled = _base_estimate(settings, field32, mask_bool, voxel_size, b0, str(torch_device),
+                                             callback, callback_every, settings.iterations)
+        if cancelled:
+            return SolveResult(chi_ppm=base_ppm, method="dip", iterations=0, elapsed_s=clock.elapsed_s,
+                               stop_reason="cancelled", device=_device_label(torch_device))
+
     crop = crop_to_mask(field32, mask_bool)
     scale = 1.0
     if settings.normalise:
@@ -229,9 +265,11 @@ def solve_dip(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[f
     n_mask = float(maskf.sum())
     op = DipoleOperator(crop.field_ppm.shape, voxel_size, b0, pad_factor=settings.pad_factor, device=torch_device)
     regulariser = _Regulariser(settings.regulariser, mask_t, voxel_size)
+    base = (torch.as_tensor(base_ppm[crop.box] / scale, dtype=torch.float32, device=torch_device)
+            if base_ppm is not None else torch.zeros_like(field_t))
 
     generator = torch.Generator(device="cpu").manual_seed(settings.seed)
-    in_channels = 1 if settings.input == "field" else settings.noise_channels
+    in_channels = settings.noise_channels if settings.input == "noise" else 1
     net = UNet3d(in_channels, 1, width=settings.width, depth=settings.depth)
     net.reset_parameters(generator)
     if settings.base != "none":
@@ -239,12 +277,13 @@ def solve_dip(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[f
     net.to(torch_device)
     if settings.input == "field":
         net_input = field_t[None, None].clone()
+    elif settings.input == "base":
+        net_input = base[None, None].clone()
     else:
         noise = torch.randn((1, in_channels) + crop.field_ppm.shape, generator=generator)
         net_input = noise.to(torch_device)
-    with torch.no_grad():
-        base = (_tikhonov_estimate(op, field_t, maskf, settings.base_lambda)
-                if settings.base == "tikhonov" else torch.zeros_like(field_t))
+    jitter = settings.input_jitter if settings.input == "noise" else 0.0
+    jitter_generator = torch.Generator(device=torch_device).manual_seed(settings.seed + 1)
 
     optimiser = torch.optim.Adam(net.parameters(), lr=settings.learning_rate, betas=settings.betas)
     use_amp = settings.mixed_precision and torch_device.type == "cuda"
@@ -253,8 +292,11 @@ def solve_dip(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[f
 
     def network_output() -> torch.Tensor:
         ctx = torch.autocast("cuda", dtype=amp_dtype) if use_amp else contextlib.nullcontext()
+        x = net_input
+        if jitter > 0:
+            x = x + jitter * torch.randn(x.shape, generator=jitter_generator, device=torch_device)
         with ctx:
-            out = net(net_input)
+            out = net(x)
         return out[0, 0].float()
 
     def to_ppm(chi_norm: torch.Tensor) -> np.ndarray:
