@@ -15,6 +15,7 @@ import sys
 import time
 
 import numpy as np
+import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "QSMDIP"))
 
@@ -37,6 +38,22 @@ VARIANTS = {
                       learning_rate=3e-3),
     "l2_tv_jit": dict(input="noise", data_loss="l2", regulariser="tv", reg_weight=0.07, base="none",
                       input_jitter=0.05),
+    # the hybrid (TV-ADMM estimate + network correction, L2 data, no penalty) and its neighbours
+    "hybrid": dict(input="noise", data_loss="l2", regulariser="none", base="tv"),
+    "hybrid_lr3": dict(input="noise", data_loss="l2", regulariser="none", base="tv", learning_rate=3e-3),
+    "hybrid_lr3e4": dict(input="noise", data_loss="l2", regulariser="none", base="tv", learning_rate=3e-4),
+    "hybrid_w8": dict(input="noise", data_loss="l2", regulariser="none", base="tv", width=8),
+    "hybrid_d4": dict(input="noise", data_loss="l2", regulariser="none", base="tv", depth=4),
+    "hybrid_ema": dict(input="noise", data_loss="l2", regulariser="none", base="tv", ema=0.95),
+    "hybrid_l1": dict(input="noise", data_loss="l1", regulariser="none", base="tv"),
+    "hybrid_bf16": dict(input="noise", data_loss="l2", regulariser="none", base="tv", mixed_precision=True),
+    "hybrid_beta9": dict(input="noise", data_loss="l2", regulariser="none", base="tv", betas=[0.9, 0.999]),
+    "hybrid_field": dict(input="field", data_loss="l2", regulariser="none", base="tv"),
+    "hybrid_tik": dict(input="noise", data_loss="l2", regulariser="none", base="tikhonov"),
+    # the shipped presets as they are
+    "default": dict(),
+    "fast": dict(width=8),
+    "fp32": dict(mixed_precision=False),
 }
 
 
@@ -51,12 +68,15 @@ def run(phantom, name, overrides, iterations, every, device):
                          xsim=xsim(p.chi_ppm, phantom.chi_ppm, phantom.mask)))
         paused[0] += time.perf_counter() - t0
 
+    if device != "cpu" and torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     result = get_solver("dip")(phantom.field_ppm, phantom.mask, phantom.voxel_size_mm, b0_dir=phantom.b0_dir,
                                settings=settings, callback=callback, callback_every=every, device=device)
     best = min(rows, key=lambda r: r["nrmse"])
     last = rows[-1]
     print(f"{name:<20} final {last['nrmse']:6.2f} % {last['xsim']:.3f} @{last['it']} {last['t']:6.1f}s | "
-          f"best {best['nrmse']:6.2f} % {best['xsim']:.3f} @{best['it']} {best['t']:6.1f}s | {result.device}",
+          f"best {best['nrmse']:6.2f} % {best['xsim']:.3f} @{best['it']} {best['t']:6.1f}s | {result.device}"
+          + (f" peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if torch.cuda.is_available() else ""),
           flush=True)
     return dict(name=name, overrides=overrides, rows=rows)
 
@@ -73,6 +93,7 @@ def main(argv=None):
     parser.add_argument("--set", action="append", default=[], help="NAME=JSON applied to every variant")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
+
     common = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
     b0 = (0.0, float(np.sin(np.radians(args.tilt))), float(np.cos(np.radians(args.tilt))))
     phantom = make_head_phantom(None, (args.voxel,) * 3, b0_dir=b0, snr=args.snr, seed=0)
