@@ -54,6 +54,7 @@ VARIANTS = {
     "default": dict(),
     "fast": dict(width=8),
     "fp32": dict(mixed_precision=False),
+    "no_holdout": dict(holdout_fraction=0.0),
 }
 
 
@@ -74,7 +75,10 @@ def run(phantom, name, overrides, iterations, every, device):
                                settings=settings, callback=callback, callback_every=every, device=device)
     best = min(rows, key=lambda r: r["nrmse"])
     last = rows[-1]
-    print(f"{name:<20} final {last['nrmse']:6.2f} % {last['xsim']:.3f} @{last['it']} {last['t']:6.1f}s | "
+    final_nrmse, final_xsim = (nrmse(result.chi_ppm, phantom.chi_ppm, phantom.mask),
+                               xsim(result.chi_ppm, phantom.chi_ppm, phantom.mask))
+    print(f"{name:<20} result {final_nrmse:6.2f} % {final_xsim:.3f} ({result.stop_reason} @{result.iterations}) | "
+          f"last {last['nrmse']:6.2f} % {last['xsim']:.3f} @{last['it']} {last['t']:6.1f}s | "
           f"best {best['nrmse']:6.2f} % {best['xsim']:.3f} @{best['it']} {best['t']:6.1f}s | {result.device}"
           + (f" peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if torch.cuda.is_available() else ""),
           flush=True)

@@ -81,6 +81,8 @@ class DIPSettings:
     base_iterations: int = 150                 #: TV-ADMM iterations of the "tv" base (>= 1)
     input_jitter: float = 0.0                  #: std of fresh noise added to the noise input each step (>= 0)
     ema: float = 0.0                           #: decay of an exponential moving average of the output (0 = off)
+    holdout_fraction: float = 0.05             #: share of mask voxels kept out of the fit to stop on (0 = off)
+    holdout_rise: float = 0.1                  #: stop once the held-out misfit is this much above its minimum
 
     def __post_init__(self) -> None:
         def bad(name: str, rule: str) -> QSMInputError:
@@ -117,6 +119,10 @@ class DIPSettings:
             raise bad("input", "'base' needs a base estimate (base 'tikhonov' or 'tv')")
         if not _is_number(self.ema) or not 0 <= self.ema < 1:
             raise bad("ema", "must be a number in [0, 1)")
+        if not _is_number(self.holdout_fraction) or not 0 <= self.holdout_fraction <= 0.5:
+            raise bad("holdout_fraction", "must be a number in [0, 0.5]")
+        if not _is_number(self.holdout_rise) or self.holdout_rise <= 0:
+            raise bad("holdout_rise", "must be a positive number (a relative rise, 0.1 = 10 %)")
 
 
 #: Named settings. "default" is the best we measured (docs/dip-experiments.md); "fast" halves the network
@@ -194,6 +200,42 @@ class _Regulariser:
 
 # --------------------------------------------------------------------------------------------------
 
+class _HoldoutStop:
+    """Early stopping on mask voxels the fit never sees: no ground truth, only the measured field.
+
+    A random ``fraction`` of the mask is left out of the data loss. While the network learns the
+    susceptibility, the field it predicts there improves and then levels off at the noise floor (most of
+    what DIP adds later lies near the dipole's zero cone, which the field barely shows, so a plateau is no
+    reason to stop). Once the network starts fitting the noise of the other voxels, the held-out misfit
+    rises: when its smoothed value is ``rise`` above its minimum we stop and return the estimate at the
+    minimum.
+    """
+
+    MIN_VOXELS = 64      #: fewer held-out voxels than this give too noisy a signal: the rule is then off
+    SMOOTHING = 0.9      #: decay of the exponential average of the per-iteration held-out misfit
+
+    def __init__(self, mask: torch.Tensor, fraction: float, rise: float, generator: torch.Generator):
+        pick = torch.rand(tuple(mask.shape), generator=generator).to(mask.device) < fraction
+        held = (pick & mask).float()
+        self.active = fraction > 0 and float(held.sum()) >= self.MIN_VOXELS
+        self.held = held if self.active else torch.zeros_like(held)
+        self.fit = mask.float() - self.held
+        self.rise = rise
+        self.smoothed: Optional[float] = None
+        self.best = math.inf
+        self.best_estimate: Optional[torch.Tensor] = None
+
+    def update(self, residual: torch.Tensor, estimate: torch.Tensor) -> bool:
+        """Record this iteration's residual and estimate; True when the held-out misfit has risen."""
+        value = float(residual.square().mul(self.held).sum() / self.held.sum())
+        self.smoothed = value if self.smoothed is None else \
+            self.SMOOTHING * self.smoothed + (1 - self.SMOOTHING) * value
+        if self.smoothed < self.best:
+            self.best = self.smoothed
+            self.best_estimate = estimate.clone()
+        return self.smoothed > (1 + self.rise) * self.best
+
+
 def _device_label(device: torch.device) -> str:
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
@@ -239,9 +281,11 @@ def solve_dip(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[f
 
     The fit runs on the mask's bounding box. The result is reproducible bit for bit on the CPU for the
     same ``settings.seed`` (weights and noise come from a private generator; the global RNG is left
-    alone). Stops after ``settings.iterations`` ("completed"), at ``settings.max_seconds``
-    ("time_limit") or when ``callback`` returns True ("cancelled"). The loss reported is the objective
-    on the normalised field.
+    alone). Stops after ``settings.iterations`` ("completed"), when the misfit on held-out mask voxels
+    has risen by ``settings.holdout_rise`` above its minimum ("holdout", see :class:`_HoldoutStop`; the
+    result is then the estimate at that minimum), at ``settings.max_seconds`` ("time_limit") or when
+    ``callback`` returns True ("cancelled"). The loss reported is the objective on the normalised field,
+    over the fitted voxels.
     """
     settings = settings if settings is not None else dip_settings("default")
     if not isinstance(settings, DIPSettings):
@@ -270,7 +314,6 @@ def solve_dip(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[f
     field_t = torch.as_tensor(crop.field_ppm / scale, dtype=torch.float32, device=torch_device)
     mask_t = torch.as_tensor(crop.mask, device=torch_device)
     maskf = mask_t.float()
-    n_mask = float(maskf.sum())
     op = DipoleOperator(crop.field_ppm.shape, voxel_size, b0, pad_factor=settings.pad_factor, device=torch_device)
     regulariser = _Regulariser(settings.regulariser, mask_t, voxel_size)
     base = (torch.as_tensor(base_ppm[crop.box] / scale, dtype=torch.float32, device=torch_device)
@@ -310,6 +353,9 @@ def solve_dip(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[f
     def to_ppm(chi_norm: torch.Tensor) -> np.ndarray:
         return crop.paste((chi_norm.detach() * scale).cpu().numpy().astype(np.float32))
 
+    holdout = _HoldoutStop(mask_t, settings.holdout_fraction, settings.holdout_rise, generator)
+    fit_mask, n_fit = holdout.fit, float(holdout.fit.sum())
+
     history = []
     stop_reason = "completed"
     estimate = base
@@ -319,8 +365,9 @@ def solve_dip(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[f
         optimiser.zero_grad(set_to_none=True)
         chi = (base + network_output()) * maskf
         residual = (op(chi) - field_t) * maskf
-        data = residual.abs().sum() if settings.data_loss == "l1" else residual.square().sum()
-        loss = data / n_mask
+        fitted = residual * fit_mask
+        data = fitted.abs().sum() if settings.data_loss == "l1" else fitted.square().sum()
+        loss = data / n_fit
         if settings.regulariser != "none" and settings.reg_weight > 0:
             loss = loss + settings.reg_weight * regulariser(chi)
         scaler.scale(loss).backward()
@@ -338,7 +385,10 @@ def solve_dip(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[f
                     current, alpha=1 - settings.ema)
                 current = average
             estimate = current
-        if clock.expired() and iteration < settings.iterations:
+        if holdout.active and holdout.update(residual.detach(), estimate):
+            stop_reason = "holdout"
+            estimate = holdout.best_estimate
+        elif clock.expired() and iteration < settings.iterations:
             stop_reason = "time_limit"
         last = iteration == settings.iterations or stop_reason != "completed"
         if callback is not None and (iteration % callback_every == 0 or last):
