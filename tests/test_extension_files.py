@@ -137,6 +137,18 @@ def test_module_uses_only_declared_parameters_and_choices_the_logic_knows():
     assert used and sorted(used - set(fields) - wrapper_api) == []
 
 
+def test_panel_dip_defaults_are_the_library_default_preset():
+    """The panel must not quietly run other settings than the ones the README's figures were measured with."""
+    from qsmdip.solvers.dip import PRESETS
+
+    fields = parameter_fields()
+    preset = PRESETS["default"]
+    assert fields["iterations"][3] == preset.iterations
+    assert fields["learningRate"][3] == pytest.approx(preset.learning_rate)
+    assert fields["width"][3] == preset.width
+    assert fields["seed"][3] == preset.seed
+
+
 def test_ui_layout_scene_connections_and_advanced_section():
     root = ET.parse(UI_FILE).getroot()
     widgets = ui_widgets()

@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--method", choices=METHODS, default="dip",
                     help="dip (default), or the classical tkd, tikhonov, tv")
     rc.add_argument("--preset", default=None,
-                    help="settings preset (dip: 'default' or 'original', the original method's settings)")
+                    help="settings preset (dip: 'default', the TV-started hybrid; 'fast', half its width; "
+                         "'original', the published method's settings)")
     rc.add_argument("--units", choices=FIELD_UNITS, default="ppm",
                     help="unit of the field: ppm (default), hz (needs --b0), rad (needs --b0 and --te)")
     rc.add_argument("--b0", type=float, default=None, help="B0 field strength in tesla")
