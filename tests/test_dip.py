@@ -60,7 +60,7 @@ def test_original_preset_matches_the_reference_method():
     assert (s.iterations, s.learning_rate, s.betas) == (500, 1e-3, (0.5, 0.999))
     assert (s.width, s.depth, s.input, s.data_loss) == (16, 3, "field", "l1")
     assert (s.regulariser, s.reg_weight, s.base, s.ema) == ("laplacian", 1e-3, "none", 0.0)
-    assert s.normalise is False and s.mixed_precision is False
+    assert s.normalise is False and s.mixed_precision is False and s.holdout_fraction == 0.0  # no early stop
 
 
 def test_default_preset_is_the_measured_hybrid():

@@ -133,7 +133,7 @@ PRESETS: Dict[str, DIPSettings] = {
     "fast": DIPSettings(width=8),
     "original": DIPSettings(iterations=500, learning_rate=1e-3, betas=(0.5, 0.999), width=16, depth=3,
                             input="field", data_loss="l1", regulariser="laplacian", reg_weight=1e-3,
-                            normalise=False, base="none", mixed_precision=False),
+                            normalise=False, base="none", mixed_precision=False, holdout_fraction=0.0),
 }
 
 
