@@ -149,8 +149,9 @@ def dip_settings(preset: str = "default", **overrides: object) -> DIPSettings:
 
 
 # --------------------------------------------------------------------------------------------------
-# Regularisers (on the normalised chi, voxel units; evaluated inside the mask eroded by one voxel so
-# that the jump to zero at the mask's edge, which the output mask imposes, is not penalised).
+# Regularisers, on the normalised chi (the Laplacian in units of the smallest voxel side, TV per mm),
+# evaluated inside the mask eroded by one voxel so that the jump to zero at the mask's edge, which the
+# output mask imposes, is not penalised.
 
 def _neighbour_weights(voxel_size_mm: Sequence[float]) -> torch.Tensor:
     """3x3x3 stencil of the distance-weighted 26-neighbour Laplacian: w = 1/distance, centre = -sum w.
@@ -334,7 +335,7 @@ def solve_dip(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[f
         noise = torch.randn((1, in_channels) + crop.field_ppm.shape, generator=generator)
         net_input = noise.to(torch_device)
     jitter = settings.input_jitter if settings.input == "noise" else 0.0
-    jitter_generator = torch.Generator(device=torch_device).manual_seed(settings.seed + 1)
+    jitter_generator = torch.Generator(device=torch_device).manual_seed(settings.seed + 1) if jitter > 0 else None
 
     optimiser = torch.optim.Adam(net.parameters(), lr=settings.learning_rate, betas=settings.betas)
     use_amp = settings.mixed_precision and torch_device.type == "cuda"
