@@ -30,9 +30,10 @@ class TikhonovSettings:
     """Settings of closed-form Tikhonov inversion.
 
     Attributes:
-        lambda_: weight of the squared-gradient regulariser, mm^2 (> 0). The default 0.01 was the best
-            (lowest NRMSE) of a sweep over 1e-4 to 1 on the 2 mm noisy head phantom
-            (``phantom.make_head_phantom``); larger values smooth more and shrink chi towards 0.
+        lambda_: weight of the squared-gradient regulariser, mm^2 (> 0); larger values smooth more and
+            shrink chi towards 0. The best weight depends on the data: on the head phantom at SNR 200
+            (``benchmarks/benchmark.py``) a sweep of 1e-3 to 0.3 picked 0.03 for 2 mm with axial B0 and
+            1e-3 for 1 mm or an oblique B0; the default 0.01 lies between them.
         pad_factor: FFT grid = pad_factor x the mask's bounding box (>= 1; 2 avoids wrap-around).
     """
 
