@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from qsmdip.device import resolve_device  # noqa: E402
 from qsmdip.metrics import all_metrics, nrmse, xsim  # noqa: E402
 from qsmdip.phantom import make_head_phantom  # noqa: E402
-from qsmdip.solvers import get_solver, make_settings  # noqa: E402
+from qsmdip.solvers import get_solver, make_settings, settings_class  # noqa: E402
 
 CHECKPOINTS_S = (10, 30, 60, 120, 300, 600, 1200)
 
@@ -106,15 +106,16 @@ def run_method(method, phantom, device, overrides=None, *, preset=None, trace=Fa
 
 
 def sweep(method, name, values, phantom, device, fixed=None):
-    """Run ``method`` for each weight in ``values``; return every run and the one of lowest NRMSE.
+    """Run ``method`` once per weight (its default weight included); return (default run, best run).
 
-    Choosing by NRMSE against the truth is an oracle no user has: it flatters the baselines, which is
-    the fair direction for a comparison that DIP must win.
+    The best is chosen by NRMSE against the truth, an oracle no user has: it flatters the baselines,
+    which is the fair direction for a comparison that DIP must win.
     """
-    runs = [run_method(method, phantom, device, dict(fixed or {}, **{name: v})) for v in values]
-    best = min(runs, key=lambda r: r["metrics"]["nrmse"])
-    best = dict(best, method=f"{method} best")
-    return runs, best
+    default_value = getattr(settings_class(method)(), name)
+    runs = {v: run_method(method, phantom, device, dict(fixed or {}, **{name: v}))
+            for v in sorted(set(values) | {default_value})}
+    best = min(runs.values(), key=lambda r: r["metrics"]["nrmse"])
+    return dict(runs[default_value], method=method), dict(best, method=f"{method} best")
 
 
 def quality_at(curve, seconds):
@@ -158,12 +159,9 @@ def main(argv=None):
             title = f"phantom {voxel:g} mm {phantom.chi_ppm.shape}, B0 tilt {tilt:g} deg, SNR {args.snr:g}"
             print(f"\n== {title}", flush=True)
             tv_fixed = {"iterations": args.tv_iterations} if args.tv_iterations else {}
-            rows = [run_method("tkd", phantom, device), run_method("tikhonov", phantom, device)]
-            _, best_tik = sweep("tikhonov", "lambda_", TIKHONOV_LAMBDAS, phantom, device)
-            rows.append(best_tik)
-            rows.append(run_method("tv", phantom, device, tv_fixed))
-            _, best_tv = sweep("tv", "alpha", TV_ALPHAS, phantom, device, tv_fixed)
-            rows.append(best_tv)
+            rows = [run_method("tkd", phantom, device)]
+            rows += sweep("tikhonov", "lambda_", TIKHONOV_LAMBDAS, phantom, device)
+            rows += sweep("tv", "alpha", TV_ALPHAS, phantom, device, tv_fixed)
             dips = [run_method("dip", phantom, device, preset=preset, trace=True, every=args.every,
                                label=f"dip {preset}") for preset in args.presets.split(",")]
             rows += dips

@@ -259,9 +259,7 @@ def _base_estimate(settings: DIPSettings, field32: np.ndarray, mask: np.ndarray,
 
     def forward(progress: Progress) -> bool:
         nonlocal cancelled
-        if callback is not None and callback(dataclasses.replace(progress, iteration=0,
-                                                                 max_iterations=max_iterations)):
-            cancelled = True
+        cancelled = bool(callback(dataclasses.replace(progress, iteration=0, max_iterations=max_iterations)))
         return cancelled
 
     if settings.base == "tikhonov":
