@@ -93,6 +93,29 @@ def check_inputs(field_ppm: np.ndarray, mask: np.ndarray) -> tuple:
     return field32, mask_bool
 
 
+def check_magnitude(magnitude: Optional[np.ndarray], mask: np.ndarray) -> Optional[np.ndarray]:
+    """Validate an optional GRE magnitude for a solver and return it as float32 scaled to mean 1 in the mask.
+
+    Every solver accepts ``magnitude=`` (one call shape); methods that use it as an anatomical prior get
+    it here in a unit-free form. File-level checks (grid, echoes) are in ``validation.check_magnitude``.
+    """
+    if magnitude is None:
+        return None
+    mag = np.asarray(magnitude, dtype=np.float64)
+    if mag.shape != mask.shape:
+        raise QSMInputError(f"magnitude {mag.shape} and mask {mask.shape} differ in size")
+    inside = mag[mask]
+    if not np.all(np.isfinite(inside)):
+        raise QSMInputError("the magnitude has NaN or Inf values inside the mask")
+    if np.any(inside < 0):
+        raise QSMInputError(f"the magnitude has negative values (minimum {inside.min():.4g}): "
+                            "give a magnitude image, not a phase or a signed image")
+    mean = float(inside.mean())
+    if not mean > 0:
+        raise QSMInputError("the magnitude is zero everywhere inside the mask")
+    return np.where(mask, mag / mean, 0.0).astype(np.float32)
+
+
 @dataclass
 class MaskCrop:
     """A field/mask pair cut to the mask's bounding box, and the way back to the full volume.

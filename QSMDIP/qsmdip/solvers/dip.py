@@ -36,7 +36,7 @@ from ..errors import QSMInputError
 from ..geometry import SUPERIOR, check_voxel_size, unit_vector
 from ..networks import UNet3d
 from ..operator import DipoleOperator
-from .base import Callback, Progress, SolveResult, Stopwatch, check_inputs, crop_to_mask
+from .base import Callback, check_magnitude, Progress, SolveResult, Stopwatch, check_inputs, crop_to_mask
 
 DATA_LOSSES = ("l1", "l2")
 REGULARISERS = ("none", "laplacian", "tv")
@@ -275,7 +275,7 @@ def _base_estimate(settings: DIPSettings, field32: np.ndarray, mask: np.ndarray,
 def solve_dip(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[float], *,
               b0_dir: Sequence[float] = SUPERIOR, settings: Optional[DIPSettings] = None,
               callback: Optional[Callback] = None, callback_every: int = 10,
-              device: str = "auto") -> SolveResult:
+              device: str = "auto", magnitude: Optional[np.ndarray] = None) -> SolveResult:
     """Susceptibility (ppm) by Deep Image Prior; see the module docstring for the objective.
 
     The fit runs on the mask's bounding box. The result is reproducible bit for bit on the CPU for the
@@ -292,6 +292,7 @@ def solve_dip(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[f
     if not _is_int(callback_every) or callback_every < 1:
         raise QSMInputError(f"callback_every must be an integer >= 1, got {callback_every!r}")
     field32, mask_bool = check_inputs(field_ppm, mask)
+    magnitude32 = check_magnitude(magnitude, mask_bool)
     voxel_size = check_voxel_size(voxel_size_mm)
     b0 = unit_vector(b0_dir)
     torch_device, _ = resolve_device(device)

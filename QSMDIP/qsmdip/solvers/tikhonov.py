@@ -22,7 +22,7 @@ from ..errors import QSMInputError
 from ..geometry import SUPERIOR, check_voxel_size
 from ..kernel import laplacian_kernel
 from ..operator import DipoleOperator
-from .base import Callback, Progress, SolveResult, Stopwatch, check_inputs, crop_to_mask
+from .base import Callback, check_magnitude, Progress, SolveResult, Stopwatch, check_inputs, crop_to_mask
 
 
 @dataclass
@@ -50,7 +50,7 @@ class TikhonovSettings:
 def solve_tikhonov(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[float], *,
                    b0_dir: Sequence[float] = SUPERIOR, settings: Optional[TikhonovSettings] = None,
                    callback: Optional[Callback] = None, callback_every: int = 10,
-                   device: str = "auto") -> SolveResult:
+                   device: str = "auto", magnitude: Optional[np.ndarray] = None) -> SolveResult:
     """Susceptibility (ppm) by closed-form gradient-regularised least squares.
 
     Closed form: ``iterations`` is 0 and the callback, if given, is called once with the final map
@@ -61,6 +61,7 @@ def solve_tikhonov(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Seque
     settings = settings or TikhonovSettings()
     watch = Stopwatch()
     field32, mask_bool = check_inputs(field_ppm, mask)
+    check_magnitude(magnitude, mask_bool)  # accepted for the common call shape; this method has no use for it
     voxel_size_mm = check_voxel_size(voxel_size_mm)
     torch_device, _ = resolve_device(device)
     crop = crop_to_mask(field32, mask_bool)

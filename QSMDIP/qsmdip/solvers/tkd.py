@@ -21,7 +21,7 @@ from ..device import resolve_device
 from ..errors import QSMInputError
 from ..geometry import SUPERIOR, check_voxel_size
 from ..operator import DipoleOperator
-from .base import Callback, Progress, SolveResult, Stopwatch, check_inputs, crop_to_mask
+from .base import Callback, check_magnitude, Progress, SolveResult, Stopwatch, check_inputs, crop_to_mask
 
 
 @dataclass
@@ -55,7 +55,7 @@ def truncated_inverse_kernel(kernel: torch.Tensor, threshold: float) -> torch.Te
 def solve_tkd(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[float], *,
               b0_dir: Sequence[float] = SUPERIOR, settings: Optional[TKDSettings] = None,
               callback: Optional[Callback] = None, callback_every: int = 10,
-              device: str = "auto") -> SolveResult:
+              device: str = "auto", magnitude: Optional[np.ndarray] = None) -> SolveResult:
     """Susceptibility (ppm) by truncated k-space division of the masked local field (ppm).
 
     Closed form: ``iterations`` is 0. The callback, if given, is called once with the final map
@@ -67,6 +67,7 @@ def solve_tkd(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[f
     settings = settings or TKDSettings()
     watch = Stopwatch()
     field32, mask_bool = check_inputs(field_ppm, mask)
+    check_magnitude(magnitude, mask_bool)  # accepted for the common call shape; this method has no use for it
     voxel_size_mm = check_voxel_size(voxel_size_mm)
     torch_device, _ = resolve_device(device)
     crop = crop_to_mask(field32, mask_bool)

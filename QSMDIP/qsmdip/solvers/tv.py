@@ -30,7 +30,7 @@ from ..errors import QSMInputError
 from ..geometry import SUPERIOR, check_voxel_size
 from ..kernel import laplacian_kernel
 from ..operator import DipoleOperator
-from .base import Callback, Progress, SolveResult, Stopwatch, check_inputs, crop_to_mask
+from .base import Callback, check_magnitude, Progress, SolveResult, Stopwatch, check_inputs, crop_to_mask
 
 _DIMS = (-3, -2, -1)
 
@@ -99,7 +99,7 @@ def _check_callback_every(callback_every: int) -> int:
 def solve_tv(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[float], *,
              b0_dir: Sequence[float] = SUPERIOR, settings: Optional[TVSettings] = None,
              callback: Optional[Callback] = None, callback_every: int = 10,
-             device: str = "auto") -> SolveResult:
+             device: str = "auto", magnitude: Optional[np.ndarray] = None) -> SolveResult:
     """Susceptibility (ppm) by TV-regularised, mask-weighted least squares (ADMM, float32 torch).
 
     The callback gets a :class:`Progress` every ``callback_every`` iterations and after the last one;
@@ -111,6 +111,7 @@ def solve_tv(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[fl
     every = _check_callback_every(callback_every)
     watch = Stopwatch(settings.max_seconds)
     field32, mask_bool = check_inputs(field_ppm, mask)
+    magnitude32 = check_magnitude(magnitude, mask_bool)
     voxel_size_mm = check_voxel_size(voxel_size_mm)
     torch_device, _ = resolve_device(device)
     crop = crop_to_mask(field32, mask_bool)
