@@ -183,6 +183,76 @@ def test_non_binary_mask_warns_and_runs(small, capsys):
     assert os.path.exists(out)
 
 
+def write_echoes(path, echoes, like):
+    """A 4D file (echoes on the fourth axis) on the grid of the Volume ``like``."""
+    frames = []
+    for echo in echoes:
+        frame = sitk.GetImageFromArray(np.ascontiguousarray(np.asarray(echo, np.float32).transpose(2, 1, 0)))
+        frame.SetSpacing(like.spacing_mm)
+        frame.SetOrigin(like.origin)
+        frame.SetDirection(tuple(float(x) for x in like.direction.ravel()))
+        frames.append(frame)
+    sitk.WriteImage(sitk.JoinSeries(frames), str(path))
+    return str(path)
+
+
+def test_reconstruct_with_a_multi_echo_magnitude(phantom_dir, tmp_path, capsys):
+    f = files(phantom_dir)
+    field = qio.read_volume(f["field"])
+    mask = qio.read_volume(f["mask"]).array > 0
+    echoes = [(200.0 + 300.0 * mask) * np.exp(-te / 0.05) for te in (0.005, 0.015, 0.025)]   # T2* decay
+    magnitude = write_echoes(tmp_path / "magnitude.nii.gz", echoes, field)
+    with_magnitude, without = tmp_path / "with.nii.gz", tmp_path / "without.nii.gz"
+    assert main(recon_args(f["field"], f["mask"], str(with_magnitude), "--magnitude", magnitude)) == 0
+    err = capsys.readouterr().err
+    assert "warning: magnitude has 3 echoes: combined by root sum of squares" in err
+    assert main(recon_args(f["field"], f["mask"], str(without))) == 0
+    qsm = qio.read_volume(str(with_magnitude))
+    assert qsm.same_geometry(field) and np.abs(qsm.array[mask]).max() > 0.01
+    # TKD has no use for the magnitude: the map is the one made without it
+    np.testing.assert_array_equal(qsm.array, qio.read_volume(str(without)).array)
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("missing", "no such file"),
+    ("zero", "magnitude is zero everywhere"),
+    ("negative", "magnitude has negative values"),
+    ("nan", "magnitude has 1 NaN/Inf values"),
+    ("shape", "magnitude shape"),
+    ("spacing", "field and magnitude are on different grids: spacing"),
+    ("origin", "field and magnitude are on different grids: origin"),
+])
+def test_bad_magnitude_is_one_clear_line(small, case, needle, capsys):
+    tmp, field, mask = small
+    f = write(tmp / "field.nii.gz", field)
+    m = write(tmp / "mask.nii.gz", mask)
+    out = str(tmp / "out.nii.gz")
+    good = 100.0 + 50.0 * mask
+    if case == "missing":
+        magnitude = str(tmp / "no-magnitude.nii.gz")
+    elif case == "zero":
+        magnitude = write(tmp / "magnitude.nii.gz", np.zeros_like(good))
+    elif case == "negative":
+        magnitude = write(tmp / "magnitude.nii.gz", good - 120.0)
+    elif case == "nan":
+        bad = good.copy()
+        bad[5, 5, 5] = np.nan
+        magnitude = write(tmp / "magnitude.nrrd", bad)   # NRRD keeps NaN
+    elif case == "shape":
+        magnitude = write(tmp / "magnitude.nii.gz", good[:, :, :-1])
+    elif case == "spacing":
+        magnitude = write(tmp / "magnitude.nii.gz", good, spacing=(4, 4, 3))
+    elif case == "origin":
+        magnitude = str(tmp / "magnitude.nii.gz")
+        qio.write_volume(magnitude, good, spacing_mm=(4, 4, 4), origin=(0.0, 0.0, 2.0))
+    code, err = run_cli(recon_args(f, m, out, "--magnitude", magnitude), capsys)
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if line]
+    assert len(lines) == 1, err
+    assert needle in lines[0] and "Traceback" not in err
+    assert not os.path.exists(out)
+
+
 def test_help_explains_each_command():
     env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "QSMDIP"))
     for command in ([], ["phantom"], ["reconstruct"], ["evaluate"], ["demo"]):
@@ -193,5 +263,5 @@ def test_help_explains_each_command():
     proc = subprocess.run([sys.executable, "-m", "qsmdip", "reconstruct", "--help"], capture_output=True,
                           text=True, env=env, timeout=120)
     for flag in ("--units", "--b0", "--te", "--reference", "--snapshots", "--every", "--device", "--iterations",
-                 "--seed", "--preset", "--method"):
+                 "--seed", "--preset", "--method", "--magnitude"):
         assert flag in proc.stdout

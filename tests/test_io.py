@@ -6,7 +6,7 @@ import pytest
 import SimpleITK as sitk
 
 from qsmdip.errors import QSMInputError
-from qsmdip.io import Volume, read_volume, volume_like, write_volume
+from qsmdip.io import EchoSeries, Volume, read_echoes, read_volume, volume_like, write_volume
 
 SHAPE = (7, 9, 11)  # [i, j, k], deliberately non-cubic
 SPACING = (0.7, 1.1, 2.3)
@@ -124,6 +124,74 @@ def test_4d_series_is_refused(tmp_path):
     sitk.WriteImage(sitk.JoinSeries([frame, frame]), str(tmp_path / "echoes.nii.gz"))
     with pytest.raises(QSMInputError, match=r"echoes\.nii\.gz is 4D .*pick one echo"):
         read_volume(tmp_path / "echoes.nii.gz")
+
+
+def echo_frames(count):
+    """One SimpleITK image per echo on the oblique grid, each with its own values."""
+    frames = []
+    for echo in range(count):
+        frame = sitk.GetImageFromArray(np.abs(random_field(echo)).transpose(2, 1, 0))
+        frame.SetSpacing(SPACING)
+        frame.SetOrigin(ORIGIN)
+        frame.SetDirection(tuple(OBLIQUE.ravel()))
+        frames.append(frame)
+    return frames
+
+
+@pytest.mark.parametrize("suffix, tol", [(".nii.gz", 1e-5), (".nrrd", 1e-12)])
+def test_4d_magnitude_reads_as_echoes_on_the_3d_grid(tmp_path, suffix, tol):
+    path = tmp_path / f"magnitude{suffix}"
+    sitk.WriteImage(sitk.JoinSeries(echo_frames(3)), str(path))
+    series = read_echoes(path)
+    assert isinstance(series, EchoSeries) and series.echoes == 3 and series.shape == SHAPE
+    for echo in range(3):
+        assert np.array_equal(series.array[..., echo], np.abs(random_field(echo)))
+    np.testing.assert_allclose(series.spacing_mm, SPACING, rtol=0, atol=tol)
+    np.testing.assert_allclose(series.origin, ORIGIN, rtol=0, atol=tol * 100)
+    np.testing.assert_allclose(series.direction, OBLIQUE, rtol=0, atol=tol)
+    grid = series.echo(1)
+    assert isinstance(grid, Volume) and np.array_equal(grid.array, np.abs(random_field(1)))
+    # the field, mask and reference reader still refuses the same file
+    with pytest.raises(QSMInputError, match="is 4D"):
+        read_volume(path)
+
+
+def test_3d_magnitude_reads_as_one_echo(tmp_path):
+    array = np.abs(random_field())
+    path = write_volume(tmp_path / "magnitude.nrrd", array, spacing_mm=SPACING, origin=ORIGIN, direction=OBLIQUE)
+    series = read_echoes(path)
+    assert series.echoes == 1 and np.array_equal(series.array[..., 0], array)
+    assert series.echo(0).same_geometry(read_volume(path), tol=1e-9)
+
+
+def test_nrrd_with_a_list_axis_of_echoes_reads_as_echoes(tmp_path):
+    # 3D space plus a non-spatial fourth axis, as NRRD writers record echoes: ITK reads it as components.
+    data = np.arange(np.prod(SHAPE) * 2, dtype=np.float32)   # file order: i fastest, echo slowest
+    header = ("NRRD0004\ntype: float\ndimension: 4\nspace: left-posterior-superior\n"
+              f"sizes: {SHAPE[0]} {SHAPE[1]} {SHAPE[2]} 2\n"
+              f"space directions: ({SPACING[0]},0,0) (0,{SPACING[1]},0) (0,0,{SPACING[2]}) none\n"
+              "kinds: domain domain domain list\nendian: little\nencoding: raw\n"
+              f"space origin: ({ORIGIN[0]},{ORIGIN[1]},{ORIGIN[2]})\n\n")
+    path = tmp_path / "echoes.nrrd"
+    path.write_bytes(header.encode() + data.astype("<f4").tobytes())
+    series = read_echoes(path)
+    expected = data.reshape(2, SHAPE[2], SHAPE[1], SHAPE[0]).transpose(3, 2, 1, 0)
+    assert series.echoes == 2 and np.array_equal(series.array, expected)
+    assert series.spacing_mm == pytest.approx(SPACING) and series.origin == pytest.approx(ORIGIN)
+
+
+def test_read_echoes_refuses_what_read_volume_refuses(tmp_path):
+    with pytest.raises(QSMInputError, match="no such file"):
+        read_echoes(tmp_path / "nothere.nii.gz")
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones((5, 6), np.float32)), str(tmp_path / "slice.nrrd"))
+    with pytest.raises(QSMInputError, match=r"slice\.nrrd is 2D .*4D one with echoes"):
+        read_echoes(tmp_path / "slice.nrrd")
+    # MetaImage stores a complex image as two components per voxel: not echoes
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones((5, 6, 7), np.complex64)), str(tmp_path / "cplx.mha"))
+    with pytest.raises(QSMInputError, match=r"cplx\.mha has 2 components per voxel"):
+        read_echoes(tmp_path / "cplx.mha")
+    with pytest.raises(QSMInputError, match="4D"):
+        EchoSeries(np.zeros(SHAPE))
 
 
 def test_2d_image_is_refused(tmp_path):

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 
 from qsmdip.errors import QSMInputError
-from qsmdip.io import Volume, volume_like
+from qsmdip.io import EchoSeries, Volume, volume_like
 from qsmdip.units import GAMMA_BAR_MHZ_PER_T
-from qsmdip.validation import binarise_mask, check_reference, prepare_inputs
+from qsmdip.validation import binarise_mask, check_magnitude, check_reference, prepare_inputs
 
 SHAPE = (12, 10, 8)
 SPACING = (1.0, 1.0, 2.0)
@@ -156,3 +156,69 @@ def test_reference_checks():
         check_reference(volume_like(field, np.zeros(SHAPE)), field)
     with pytest.raises(QSMInputError, match="reference shape"):
         check_reference(Volume(np.ones((3, 3, 3))), field)
+
+
+def magnitude_array(seed=2):
+    """A GRE-magnitude-like image: positive, brighter inside the ball, integer-valued as scanners store it."""
+    noise = np.random.default_rng(seed).uniform(0, 50, SHAPE)
+    return np.round(300.0 * ball_mask() + 100 + noise).astype(np.uint16)
+
+
+def test_3d_magnitude_is_accepted_as_float32():
+    field = field_volume()
+    magnitude, warnings = check_magnitude(volume_like(field, magnitude_array()), field)
+    assert magnitude.dtype == np.float32 and magnitude.shape == SHAPE
+    assert np.array_equal(magnitude, magnitude_array().astype(np.float32))
+    assert warnings == []
+
+
+def test_echoes_are_combined_by_root_sum_of_squares():
+    field = field_volume()
+    echoes = np.stack([magnitude_array(1), magnitude_array(2) // 2, magnitude_array(3) // 4], axis=-1)
+    echoes[0, 0, 0] = (3, 4, 12)   # sqrt(9 + 16 + 144) = 13
+    series = EchoSeries(echoes, SPACING, ORIGIN)
+    magnitude, warnings = check_magnitude(series, field)
+    assert magnitude[0, 0, 0] == 13.0
+    expected = np.sqrt(np.sum(echoes.astype(np.float64) ** 2, axis=-1))
+    np.testing.assert_allclose(magnitude, expected, rtol=1e-6)
+    assert warnings == ["magnitude has 3 echoes: combined by root sum of squares"]
+    one = EchoSeries(magnitude_array()[..., None], SPACING, ORIGIN)   # a 3D file read as a series
+    assert np.array_equal(check_magnitude(one, field)[0], magnitude_array()) and check_magnitude(one, field)[1] == []
+
+
+@pytest.mark.parametrize("geometry, message", [
+    (dict(spacing_mm=SPACING, origin=ORIGIN, shape=(12, 10, 9)), r"field shape \(12, 10, 8\) and magnitude shape"),
+    (dict(spacing_mm=(1.0, 1.0, 2.5), origin=ORIGIN), "field and magnitude are on different grids: spacing"),
+    (dict(spacing_mm=SPACING, origin=(10.0, -20.0, 31.0)), "field and magnitude are on different grids: origin"),
+    (dict(spacing_mm=SPACING, origin=ORIGIN, direction=np.diag([-1.0, -1.0, 1.0])), "different grids: direction"),
+])
+def test_magnitude_on_another_grid_is_refused(geometry, message):
+    shape = geometry.pop("shape", SHAPE)
+    for magnitude in (Volume(np.ones(shape), **geometry), EchoSeries(np.ones(shape + (2,)), **geometry)):
+        with pytest.raises(QSMInputError, match=message):
+            check_magnitude(magnitude, field_volume())
+
+
+def with_value(values, index, value):
+    values = np.array(values, dtype=np.float32)
+    values[index] = value
+    return values
+
+
+@pytest.mark.parametrize("values, message", [
+    (np.zeros(SHAPE), "the magnitude is zero everywhere"),
+    (with_value(magnitude_array(), (6, 5, 4), -2.5), r"negative values \(minimum -2\.5\)"),
+    (with_value(magnitude_array(), (6, 5, 4), np.nan), "the magnitude has 1 NaN/Inf values"),
+    (with_value(magnitude_array(), (0, 0, 0), np.inf), "the magnitude has 1 NaN/Inf values"),
+])
+def test_bad_magnitudes_are_refused_with_one_line(values, message):
+    field = field_volume()
+    with pytest.raises(QSMInputError, match=message) as info:
+        check_magnitude(volume_like(field, values), field)
+    assert "\n" not in str(info.value)
+
+
+def test_negative_echo_is_refused_although_its_square_would_hide_it():
+    echoes = np.stack([magnitude_array(), with_value(magnitude_array(), (3, 3, 3), -1.0)], axis=-1)
+    with pytest.raises(QSMInputError, match="negative values"):
+        check_magnitude(EchoSeries(echoes, SPACING, ORIGIN), field_volume())

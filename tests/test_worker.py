@@ -22,7 +22,9 @@ def inputs(tmp_path_factory):
     ph = make_head_phantom(None, (5.0, 5.0, 5.0), snr=200, seed=0)
     geometry = dict(spacing_mm=(5.0, 5.0, 5.0), origin=(1.0, -2.0, 3.0))
     paths = {}
-    for name, array in (("field", ph.field_ppm), ("mask", ph.mask.astype(np.float32)), ("chi", ph.chi_ppm)):
+    magnitude = (200.0 + 300.0 * ph.mask - 500.0 * ph.chi_ppm).clip(min=0)   # brighter brain, darker iron
+    for name, array in (("field", ph.field_ppm), ("mask", ph.mask.astype(np.float32)), ("chi", ph.chi_ppm),
+                        ("magnitude", magnitude)):
         paths[name] = str(d / f"{name}.nrrd")
         qio.write_volume(paths[name], array, **geometry)
     return d, paths
@@ -69,6 +71,30 @@ def test_tv_job_streams_progress_snapshots_and_done(inputs, tmp_path):
     assert out.same_geometry(qio.read_volume(paths["field"]))
     assert done["metrics"]["nrmse"] == pytest.approx(snaps[-1]["metrics"]["nrmse"], rel=1e-6)
     assert "CPU" in msgs[0]["device"]
+
+
+def test_job_with_a_magnitude_runs(inputs, tmp_path):
+    _, paths = inputs
+    code, msgs, err = run_worker(job_file(tmp_path, paths, method="tv", magnitude=paths["magnitude"],
+                                          settings={"iterations": 4}))
+    assert code == 0, err
+    assert [m["event"] for m in msgs][0] == "started" and msgs[-1]["event"] == "done"
+    assert msgs[0]["warnings"] == []
+    out = qio.read_volume(msgs[-1]["path"])
+    assert out.same_geometry(qio.read_volume(paths["field"])) and np.any(out.array != 0)
+    assert msgs[-1]["metrics"]["nrmse"] < 100
+
+
+def test_bad_magnitude_is_an_input_error(inputs, tmp_path):
+    _, paths = inputs
+    negative = str(tmp_path / "negative.nrrd")
+    field = qio.read_volume(paths["field"])
+    qio.write_volume(negative, field.array, like=field)   # a field map given as the magnitude
+    code, msgs, _ = run_worker(job_file(tmp_path, paths, magnitude=negative))
+    assert code == 2
+    assert [m["event"] for m in msgs] == ["error"] and msgs[-1]["kind"] == "input"
+    assert "magnitude has negative values" in msgs[-1]["message"]
+    assert not os.path.exists(tmp_path / "qsm.nrrd")
 
 
 def test_input_error_is_reported_with_exit_2(inputs, tmp_path):

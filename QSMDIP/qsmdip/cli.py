@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="main-field direction in the file's world frame (LPS); default: the scanner's "
                          "superior axis, so B0 follows the image's direction matrix")
     rc.add_argument("--reference", default=None, help="known susceptibility to score against (ppm)")
+    rc.add_argument("--magnitude", default=None,
+                    help="GRE magnitude on the field's grid, optional; 4D = echoes, combined by root sum of "
+                         "squares; used by DIP as an anatomical prior")
     rc.add_argument("--snapshots", default=None, metavar="DIR", help="write the estimate every --every iterations here")
     rc.add_argument("--every", type=int, default=10, metavar="K", help="snapshot / progress interval (default 10)")
     rc.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, mps")
@@ -214,8 +217,8 @@ def cmd_reconstruct(args) -> int:
     request = ReconstructionRequest(
         field_path=args.field, mask_path=args.mask, output_path=args.out, method=args.method, preset=args.preset,
         units=args.units, b0_tesla=args.b0, te_s=args.te, b0_direction_world=args.b0_direction,
-        reference_path=args.reference, snapshot_dir=args.snapshots, snapshot_every=args.every,
-        device=args.device, settings=overrides)
+        reference_path=args.reference, magnitude_path=args.magnitude, snapshot_dir=args.snapshots,
+        snapshot_every=args.every, device=args.device, settings=overrides)
     bar = ProgressBar(enabled=not args.no_progress)
     interrupted = {"flag": False}
 

@@ -4,6 +4,9 @@ This is the only module that converts between SimpleITK's ``[k, j, i]`` NumPy ar
 ``[i, j, k]`` order (see :mod:`qsmdip.geometry`). A :class:`Volume` carries the array together with the
 geometry a QSM must keep: the output is written on exactly the grid of the input field, so it overlays
 the field in any viewer. World coordinates are ITK's LPS (millimetres).
+
+A :class:`Volume` is always 3D, so a 4D field or mask keeps being refused; the one input that may come
+with several echoes, the GRE magnitude, is read by :func:`read_echoes` into an :class:`EchoSeries`.
 """
 from __future__ import annotations
 
@@ -89,6 +92,41 @@ def volume_like(volume: Volume, array: np.ndarray) -> Volume:
     return Volume(array, volume.spacing_mm, volume.origin, volume.direction.copy())
 
 
+@dataclass(eq=False)
+class EchoSeries:
+    """Images of several echoes on one 3D grid: ``array`` indexed ``[i, j, k, echo]``.
+
+    Kept apart from :class:`Volume` so that only the inputs meant to have echoes (the GRE magnitude)
+    accept them; the geometry fields mean what they mean in :class:`Volume`.
+    """
+
+    array: np.ndarray
+    spacing_mm: Tuple[float, float, float] = (1.0, 1.0, 1.0)
+    origin: Tuple[float, float, float] = (0.0, 0.0, 0.0)
+    direction: np.ndarray = field(default_factory=lambda: np.eye(3))
+
+    def __post_init__(self) -> None:
+        self.array = np.asarray(self.array)
+        if self.array.ndim != 4 or self.array.shape[3] < 1:
+            raise QSMInputError(f"an echo series must be 4D [i, j, k, echo], got an array of shape {self.array.shape}")
+        grid = self.echo(0)  # checks the geometry exactly as a Volume does, and normalises it
+        self.spacing_mm, self.origin, self.direction = grid.spacing_mm, grid.origin, grid.direction
+
+    @property
+    def shape(self) -> Tuple[int, int, int]:
+        """The 3D grid's shape in ``[i, j, k]`` order (echoes not counted)."""
+        return tuple(int(n) for n in self.array.shape[:3])  # type: ignore[return-value]
+
+    @property
+    def echoes(self) -> int:
+        """Number of echoes (1 for a plain 3D image)."""
+        return int(self.array.shape[3])
+
+    def echo(self, index: int) -> Volume:
+        """One echo as a :class:`Volume` on the series' grid (a view, not a copy)."""
+        return Volume(self.array[..., index], self.spacing_mm, self.origin, np.array(self.direction, dtype=np.float64))
+
+
 def read_volume(path: PathLike) -> Volume:
     """Read one 3D scalar image (NIfTI, NRRD or anything else SimpleITK reads) as a :class:`Volume`.
 
@@ -100,20 +138,10 @@ def read_volume(path: PathLike) -> Volume:
     one-line message naming the file, because QSM needs exactly one real 3D field map.
     """
     path = Path(path)
-    if not path.exists():
-        raise QSMInputError(f"no such file: {path}")
-    if path.is_dir():
-        raise QSMInputError(f"{path} is a folder, not an image file (convert DICOM to NIfTI or NRRD first)")
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as exc:
-        reason = str(exc).strip().splitlines()[-1].replace("sitk::ERROR: ", "")
-        raise QSMInputError(f"cannot read {path} as an image: {reason}") from exc
+    image = _open_image(path, "a real local field map")
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise QSMInputError(f"{path} has {image.GetNumberOfComponentsPerPixel()} components per voxel:"
                             " QSMDIP expects a scalar 3D field map")
-    if "complex" in image.GetPixelIDTypeAsString():
-        raise QSMInputError(f"{path} holds complex values: QSMDIP expects a real local field map")
     size = image.GetSize()
     if image.GetDimension() == 4 and size[3] == 1:
         return _squeeze_4d(image, path)
@@ -124,6 +152,42 @@ def read_volume(path: PathLike) -> Volume:
         raise QSMInputError(f"{path} is {image.GetDimension()}D (shape {size}): QSMDIP expects a 3D volume")
     array = np.ascontiguousarray(sitk.GetArrayFromImage(image).transpose(2, 1, 0))
     return _volume(array, image.GetSpacing(), image.GetOrigin(), image.GetDirection(), path)
+
+
+def read_echoes(path: PathLike) -> EchoSeries:
+    """Read a 3D image, or a 4D one with echoes on the fourth axis, as an :class:`EchoSeries`.
+
+    For the GRE magnitude, which scanners and converters often save with all echoes in one file. A 3D
+    image is a series of one echo. The grid is the first three axes' (spacing, origin, direction). A
+    NRRD whose echo axis is a non-spatial ("list") axis reads as several components per voxel; in a
+    NRRD those are taken as the echoes too. Elsewhere components mean something else (a complex image
+    saved as MetaImage reads as two), so they are refused, as are missing, unreadable, complex, 2D and
+    5D files.
+    """
+    path = Path(path)
+    image = _open_image(path, "a real magnitude image")
+    size, dimension = image.GetSize(), image.GetDimension()
+    components = image.GetNumberOfComponentsPerPixel()
+    if components != 1 and not path.name.lower().endswith((".nrrd", ".nhdr")):
+        raise QSMInputError(f"{path} has {components} components per voxel: give the magnitude as a 3D image,"
+                            " or a 4D one with echoes on the fourth axis")
+    if dimension == 4 and components == 1:
+        array = sitk.GetArrayFromImage(image).transpose(3, 2, 1, 0)  # [echo, k, j, i] -> [i, j, k, echo]
+        spacing, origin = image.GetSpacing()[:3], image.GetOrigin()[:3]
+        direction = np.array(image.GetDirection()).reshape(4, 4)[:3, :3]
+    elif dimension == 3:
+        array = sitk.GetArrayFromImage(image)  # [k, j, i] or, with components, [k, j, i, echo]
+        array = array.transpose(2, 1, 0)[..., None] if components == 1 else array.transpose(2, 1, 0, 3)
+        spacing, origin, direction = image.GetSpacing(), image.GetOrigin(), image.GetDirection()
+    else:
+        raise QSMInputError(f"{path} is {dimension}D (shape {size}"
+                            + (f", {components} components per voxel" if components != 1 else "")
+                            + "): expected a 3D image, or a 4D one with echoes on the fourth axis")
+    try:
+        return EchoSeries(np.ascontiguousarray(array), tuple(spacing), tuple(origin),
+                          np.array(direction, dtype=np.float64).reshape(3, 3))
+    except QSMInputError as exc:
+        raise QSMInputError(f"{path}: {exc}") from exc
 
 
 def write_volume(path: PathLike, array: np.ndarray, like: Optional[Volume] = None, *,
@@ -164,6 +228,22 @@ def write_volume(path: PathLike, array: np.ndarray, like: Optional[Volume] = Non
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def _open_image(path: Path, expected: str) -> sitk.Image:
+    """Read any image SimpleITK can, refusing missing, unreadable and complex files in one line."""
+    if not path.exists():
+        raise QSMInputError(f"no such file: {path}")
+    if path.is_dir():
+        raise QSMInputError(f"{path} is a folder, not an image file (convert DICOM to NIfTI or NRRD first)")
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()[-1].replace("sitk::ERROR: ", "")
+        raise QSMInputError(f"cannot read {path} as an image: {reason}") from exc
+    if "complex" in image.GetPixelIDTypeAsString():
+        raise QSMInputError(f"{path} holds complex values: QSMDIP expects {expected}")
+    return image
 
 
 def _squeeze_4d(image: sitk.Image, path: Path) -> Volume:

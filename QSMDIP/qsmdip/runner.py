@@ -17,7 +17,7 @@ from .errors import QSMInputError
 from .geometry import SUPERIOR, b0_direction_in_voxel_frame
 from .solvers import get_solver, make_settings
 from .solvers.base import Progress, SolveResult
-from .validation import check_reference, prepare_inputs
+from .validation import check_magnitude, check_reference, prepare_inputs
 
 
 @dataclass
@@ -34,6 +34,9 @@ class ReconstructionRequest:
     te_s: Optional[float] = None
     b0_direction_world: Optional[Sequence[float]] = None   #: None: the scanner's superior axis
     reference_path: Optional[str] = None
+    #: GRE magnitude on the field's grid (4D: echoes, combined by root sum of squares); solvers that have
+    #: no use for it ignore it
+    magnitude_path: Optional[str] = None
     snapshot_path: Optional[str] = None                     #: one file, replaced atomically at each snapshot
     snapshot_dir: Optional[str] = None                      #: numbered files, one per snapshot
     snapshot_every: int = 10
@@ -91,10 +94,15 @@ class LoadedInputs:
     reference_ppm: Optional[np.ndarray]
     b0_dir_voxel: tuple
     warnings: List[str]
+    magnitude: Optional[np.ndarray] = None  #: float32 [i, j, k], echoes already combined
 
 
 def load_inputs(request: ReconstructionRequest) -> LoadedInputs:
-    """Read and check the request's files, convert the field to ppm and find B0 in the voxel frame."""
+    """Read and check the request's files, convert the field to ppm and find B0 in the voxel frame.
+
+    Every file is checked here, before the solver starts, so a bad optional input (reference,
+    magnitude) fails in seconds instead of after a long reconstruction.
+    """
     field_vol = qio.read_volume(request.field_path)
     mask_vol = qio.read_volume(request.mask_path)
     field_ppm, mask, warnings = prepare_inputs(field_vol, mask_vol, units=request.units,
@@ -103,9 +111,13 @@ def load_inputs(request: ReconstructionRequest) -> LoadedInputs:
     if request.reference_path:
         reference, ref_warnings = check_reference(qio.read_volume(request.reference_path), field_vol)
         warnings = list(warnings) + list(ref_warnings)
+    magnitude = None
+    if request.magnitude_path:
+        magnitude, magnitude_warnings = check_magnitude(qio.read_echoes(request.magnitude_path), field_vol)
+        warnings = list(warnings) + list(magnitude_warnings)
     b0_world = request.b0_direction_world if request.b0_direction_world is not None else SUPERIOR
     b0_dir = b0_direction_in_voxel_frame(field_vol.direction, b0_world)
-    return LoadedInputs(field_vol, field_ppm, mask, reference, b0_dir, list(warnings))
+    return LoadedInputs(field_vol, field_ppm, mask, reference, b0_dir, list(warnings), magnitude)
 
 
 def _max_iterations(settings: Any) -> int:
@@ -164,7 +176,8 @@ def run_reconstruction(request: ReconstructionRequest, listener: Optional[RunLis
     solve = get_solver(request.method)
     result: SolveResult = solve(inputs.field_ppm, inputs.mask, inputs.field_volume.spacing_mm,
                                 b0_dir=inputs.b0_dir_voxel, settings=settings, callback=callback,
-                                callback_every=request.snapshot_every, device=str(device))
+                                callback_every=request.snapshot_every, device=str(device),
+                                magnitude=inputs.magnitude)
     output_path: Optional[str] = None
     if result.stop_reason != "cancelled" or write_output_when_cancelled:
         qio.write_volume(request.output_path, result.chi_ppm, like=inputs.field_volume)

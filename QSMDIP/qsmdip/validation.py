@@ -1,4 +1,4 @@
-"""Checks on everything a user hands in: field map, mask, units and reference.
+"""Checks on everything a user hands in: field map, mask, units, reference and magnitude.
 
 The command line, the runner and the background worker all call these functions, so a bad input gets
 the same one-line :class:`~qsmdip.errors.QSMInputError` wherever it comes from. Fixable oddities (a
@@ -7,12 +7,12 @@ would need a guess (which units? which grid?) is refused.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 import numpy as np
 
 from .errors import QSMInputError
-from .io import Volume
+from .io import EchoSeries, Volume
 from .units import field_to_ppm, normalise_unit, ppm_per_unit
 
 #: A local field (or a susceptibility map) whose 99th percentile of |value| exceeds this many ppm is
@@ -117,6 +117,44 @@ def check_reference(reference: Volume, field: Volume) -> Tuple[np.ndarray, List[
         raise QSMInputError(f"the reference's 99th percentile |value| is {p99:.4g}, implausible for a"
                             " susceptibility map in ppm (is it in ppb? divide it by 1000)")
     return values.astype(np.float32), warnings
+
+
+def check_magnitude(magnitude: Union[Volume, EchoSeries], field: Volume) -> Tuple[np.ndarray, List[str]]:
+    """Check a GRE magnitude against the field; return ``(magnitude float32 [i, j, k], warnings)``.
+
+    A solver that uses the magnitude as an anatomical prior compares it voxel by voxel with the field,
+    so it must lie on the field's grid (same rules as the mask). Several echoes (an
+    :class:`~qsmdip.io.EchoSeries`) are combined by root sum of squares, which keeps the SNR-weighted
+    anatomy of all echoes, with a warning saying so. NaN/Inf, negative values (a phase or a signed
+    image given by mistake) and an all-zero image are refused rather than repaired.
+    """
+    if isinstance(magnitude, EchoSeries):
+        grid, echoes = magnitude.echo(0), [magnitude.array[..., e] for e in range(magnitude.echoes)]
+    else:
+        grid, echoes = magnitude, [magnitude.array]
+    check_same_grid(field, grid, "field", "magnitude")
+    if np.iscomplexobj(magnitude.array):
+        raise QSMInputError("the magnitude holds complex values: give its absolute value")
+    combined = np.zeros(grid.shape, dtype=np.float64)
+    bad, low = 0, 0.0
+    for echo in echoes:  # one echo at a time, so a long series is never held twice in float64
+        values = np.asarray(echo, dtype=np.float64)
+        finite = np.isfinite(values)
+        bad += int(values.size - np.count_nonzero(finite))
+        if np.any(finite):
+            low = min(low, float(values[finite].min()))
+        combined += values * values
+    if bad:
+        raise QSMInputError(f"the magnitude has {bad} NaN/Inf values: fix the magnitude image")
+    if low < 0:
+        raise QSMInputError(f"the magnitude has negative values (minimum {low:g}): give a magnitude image,"
+                            " not a phase, real/imaginary part or other signed image")
+    if not np.any(combined > 0):
+        raise QSMInputError("the magnitude is zero everywhere: give the GRE magnitude image")
+    warnings: List[str] = []
+    if len(echoes) > 1:
+        warnings.append(f"magnitude has {len(echoes)} echoes: combined by root sum of squares")
+    return np.sqrt(combined).astype(np.float32), warnings
 
 
 def check_same_grid(a: Volume, b: Volume, a_name: str, b_name: str) -> None:
