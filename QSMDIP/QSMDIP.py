@@ -43,7 +43,8 @@ class QSMDIP(ScriptedLoadableModule):
         self.parent.contributors = ["QSMDIP developers"]
         self.parent.helpText = (
             "Reconstruct a quantitative susceptibility map (ppm) from a local field map and a brain mask by"
-            " Deep Image Prior, with TKD, Tikhonov and total variation as quick previews. The solver runs in"
+            " Deep Image Prior, with TKD, Tikhonov and total variation as quick previews. An optional GRE"
+            " magnitude on the field's grid serves DIP as an anatomical prior. The solver runs in"
             " a background process; the output volume is updated live. Needs PyTorch (PyTorch extension).")
         self.parent.acknowledgementText = "QSMDIP is BSD-3-Clause licensed open-source software."
 
@@ -53,6 +54,7 @@ class QSMDIPParameterNode:
     fieldVolume: vtkMRMLScalarVolumeNode
     maskVolume: vtkMRMLScalarVolumeNode
     referenceVolume: vtkMRMLScalarVolumeNode
+    magnitudeVolume: vtkMRMLScalarVolumeNode
     outputVolume: vtkMRMLScalarVolumeNode
     fieldUnits: Annotated[str, Choice(["ppm", "Hz", "rad"])] = "ppm"
     b0Tesla: Annotated[float, WithinRange(0.1, 21.0), Decimals(2)] = 3.0
@@ -276,7 +278,8 @@ class QSMDIPLogic(ScriptedLoadableModuleLogic):
                                      p.iterations, p.learningRate, p.width, p.seed)
         session = ReconstructionSession(
             slicer.mrmlScene, p.fieldVolume, p.maskVolume, options, python_command=self.pythonCommand(),
-            module_dir=self.moduleDir(), reference_node=p.referenceVolume, output_node=p.outputVolume,
+            module_dir=self.moduleDir(), reference_node=p.referenceVolume, magnitude_node=p.magnitudeVolume,
+            output_node=p.outputVolume,
             env=self.workerEnvironment(), temp_root=slicer.app.temporaryPath)
         session.start()
         logging.info(f"QSMDIP worker: {' '.join(session.worker.command) if session.worker else 'not started'}")

@@ -161,7 +161,13 @@ def test_ui_layout_scene_connections_and_advanced_section():
     wired = {c.find("receiver").text for c in root.iter("connection")
              if c.find("signal").text == "mrmlSceneChanged(vtkMRMLScene*)"}
     assert combos == wired == {"fieldVolumeSelector", "maskVolumeSelector", "referenceVolumeSelector",
-                               "outputVolumeSelector"}
+                               "magnitudeVolumeSelector", "outputVolumeSelector"}
+    for optional in ("referenceVolumeSelector", "magnitudeVolumeSelector"):   # may be left empty
+        assert widget_property(widgets[optional], "noneEnabled") == "true", optional
+        assert widget_property(widgets[optional], "noneDisplay") == "None (optional)", optional
+    inputs = {w.get("name") for w in widgets["inputsCollapsibleButton"].iter("widget")}
+    assert {"magnitudeLabel", "magnitudeVolumeSelector"} <= inputs
+    assert widget_property(widgets["magnitudeLabel"], "text") == "Magnitude (optional):"
     advanced = widgets["advancedCollapsibleButton"]
     assert advanced.get("class") == "ctkCollapsibleButton" and widget_property(advanced, "collapsed") == "true"
     inside = {w.get("name") for w in advanced.iter("widget")}

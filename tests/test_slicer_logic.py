@@ -168,9 +168,11 @@ def test_job_files_keep_values_and_oblique_geometry_in_lps(scene, volumes, temp_
         with open(job.job_path) as handle:
             on_disk = json.load(handle)
         assert on_disk == job.job
-        assert set(on_disk) == {"protocol", "field", "mask", "reference", "output", "snapshot", "snapshot_every",
-                                "method", "preset", "units", "b0_tesla", "te_s", "b0_direction_world", "device",
-                                "settings"}
+        assert set(on_disk) == {"protocol", "field", "mask", "reference", "magnitude", "output", "snapshot",
+                                "snapshot_every", "method", "preset", "units", "b0_tesla", "te_s",
+                                "b0_direction_world", "device", "settings"}
+        assert on_disk["magnitude"] is None   # optional, not given
+        assert sorted(os.listdir(job.work_dir)) == ["field.nrrd", "job.json", "mask.nrrd", "reference.nrrd"]
         assert all(os.path.isabs(on_disk[k]) for k in ("field", "mask", "reference", "output", "snapshot"))
         assert on_disk["b0_direction_world"] == [-1.0, 0.0, 0.0]   # RAS right = LPS -x
         request = parse_job(on_disk)   # the worker's own parser accepts the job
@@ -196,6 +198,64 @@ def test_job_refuses_mismatched_grid_and_output_that_is_an_input(scene, volumes,
     empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
     with pytest.raises(QSMInputError, match="'empty' holds no image data"):
         prepare_job(empty, mask, JobOptions(), temp_root=temp_root)
+    assert os.listdir(temp_root) == []
+
+
+def magnitude_of(phantom) -> np.ndarray:
+    """A GRE-magnitude-like image of the phantom: brighter brain, darker where susceptibility is high."""
+    return np.clip(200.0 + 300.0 * phantom.mask - 500.0 * phantom.chi_ppm, 0.0, None).astype(np.float32)
+
+
+def test_job_with_a_magnitude_writes_it_on_the_field_grid(scene, volumes, temp_root, phantom):
+    field, mask, chi = volumes
+    magnitude = add_volume(scene, "vtkMRMLScalarVolumeNode", "magnitude", magnitude_of(phantom))
+    before = fingerprint(magnitude)
+    job = prepare_job(field, mask, JobOptions(), magnitude_node=magnitude, temp_root=temp_root)
+    try:
+        assert job.job["magnitude"] == os.path.join(job.work_dir, "magnitude.nrrd") and job.job["reference"] is None
+        volume = qio.read_volume(job.job["magnitude"])
+        np.testing.assert_array_equal(volume.array, magnitude_of(phantom))
+        assert volume.same_geometry(qio.read_volume(job.job["field"]), tol=1e-9)
+        with open(job.job_path) as handle:
+            request = parse_job(json.load(handle))
+        assert request.magnitude_path == job.job["magnitude"]
+    finally:
+        job.cleanup()
+    assert fingerprint(magnitude) == before and os.listdir(temp_root) == []
+
+
+def test_job_refuses_a_magnitude_off_the_field_grid_or_as_output(scene, volumes, temp_root, phantom):
+    field, mask, chi = volumes
+    shifted = add_volume(scene, "vtkMRMLScalarVolumeNode", "shifted magnitude", magnitude_of(phantom),
+                         ijk_to_ras_matrix(spacing=(4.0, 4.4, 5.0)))
+    with pytest.raises(QSMInputError, match="'shifted magnitude' is not on the field's voxel grid"):
+        prepare_job(field, mask, JobOptions(), magnitude_node=shifted, temp_root=temp_root)
+    small = add_volume(scene, "vtkMRMLScalarVolumeNode", "small magnitude", magnitude_of(phantom)[:, :-1])
+    with pytest.raises(QSMInputError, match="the magnitude 'small magnitude' has"):
+        prepare_job(field, mask, JobOptions(), magnitude_node=small, temp_root=temp_root)
+    empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "no data")
+    with pytest.raises(QSMInputError, match="the magnitude volume 'no data' holds no image data"):
+        prepare_job(field, mask, JobOptions(), magnitude_node=empty, temp_root=temp_root)
+    magnitude = add_volume(scene, "vtkMRMLScalarVolumeNode", "magnitude", magnitude_of(phantom))
+    with pytest.raises(QSMInputError, match="is one of the inputs"):
+        prepare_job(field, mask, JobOptions(), magnitude_node=magnitude, output_node=magnitude, temp_root=temp_root)
+    assert os.listdir(temp_root) == []
+
+
+def test_session_hands_the_magnitude_to_the_worker(scene, volumes, temp_root, phantom):
+    good = add_volume(scene, "vtkMRMLScalarVolumeNode", "magnitude", magnitude_of(phantom))
+    session = session_for(scene, volumes, JobOptions(method="tkd", device="cpu"), temp_root, magnitude_node=good)
+    session.start()
+    state = session.wait(120)
+    assert state.phase == "done", state.message
+    assert np.any(node_ijk(session.output_node)[phantom.mask] != 0)
+    # a signed image in its place: the worker reads the magnitude file and refuses it
+    signed = add_volume(scene, "vtkMRMLScalarVolumeNode", "signed", magnitude_of(phantom) - 250.0)
+    session = session_for(scene, volumes, JobOptions(method="tkd", device="cpu"), temp_root, magnitude_node=signed)
+    session.start()
+    state = session.wait(120)
+    assert state.phase == "failed" and state.error_kind == "input"
+    assert "magnitude has negative values" in state.message and session.worker.exit.returncode == 2
     assert os.listdir(temp_root) == []
 
 

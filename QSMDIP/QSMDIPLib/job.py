@@ -150,20 +150,23 @@ def ras_to_lps(vector: Sequence[float]) -> list:
     return [-v[0], -v[1], v[2]]
 
 
-def prepare_job(field_node, mask_node, options: JobOptions, *, reference_node=None,
+def prepare_job(field_node, mask_node, options: JobOptions, *, reference_node=None, magnitude_node=None,
                 output_node=None, temp_root: Optional[str] = None) -> PreparedJob:
     """Write the inputs into a new temporary folder and the job file next to them.
 
-    ``output_node`` is only checked (it must not be an input: inputs are never modified). On any
-    failure the temporary folder is removed before the error propagates.
+    ``reference_node`` (gold standard) and ``magnitude_node`` (GRE magnitude, an anatomical prior for
+    DIP) are optional and, like the mask, must be on the field's voxel grid. ``output_node`` is only
+    checked (it must not be an input: inputs are never modified). On any failure the temporary folder
+    is removed before the error propagates.
     """
     check_volume_node(field_node, "field")
     check_volume_node(mask_node, "mask")
     check_same_grid(field_node, mask_node, "field", "mask")
-    if reference_node is not None:
-        check_volume_node(reference_node, "reference")
-        check_same_grid(field_node, reference_node, "field", "reference")
-    inputs = [n for n in (field_node, mask_node, reference_node) if n is not None]
+    for node, role in ((reference_node, "reference"), (magnitude_node, "magnitude")):
+        if node is not None:
+            check_volume_node(node, role)
+            check_same_grid(field_node, node, "field", role)
+    inputs = [n for n in (field_node, mask_node, reference_node, magnitude_node) if n is not None]
     if output_node is not None and any(output_node is n or output_node.GetID() == n.GetID() for n in inputs):
         raise QSMInputError(f"the output volume '{output_node.GetName()}' is one of the inputs:"
                             " choose another output (inputs are never overwritten)")
@@ -172,16 +175,17 @@ def prepare_job(field_node, mask_node, options: JobOptions, *, reference_node=No
 
     work_dir = tempfile.mkdtemp(prefix="qsmdip-", dir=temp_root)
     try:
-        paths = {name: os.path.join(work_dir, f"{name}.nrrd") for name in ("field", "mask", "reference")}
-        write_volume_node(field_node, paths["field"])
-        write_volume_node(mask_node, paths["mask"])
-        if reference_node is not None:
-            write_volume_node(reference_node, paths["reference"])
+        nodes = {"field": field_node, "mask": mask_node, "reference": reference_node, "magnitude": magnitude_node}
+        paths = {name: os.path.join(work_dir, f"{name}.nrrd") for name in nodes}
+        for name, node in nodes.items():
+            if node is not None:
+                write_volume_node(node, paths[name])
         job = {
             "protocol": PROTOCOL_VERSION,
             "field": paths["field"],
             "mask": paths["mask"],
             "reference": paths["reference"] if reference_node is not None else None,
+            "magnitude": paths["magnitude"] if magnitude_node is not None else None,
             "output": os.path.join(work_dir, "qsm.nrrd"),
             "snapshot": os.path.join(work_dir, "snapshot.nrrd"),
             "snapshot_every": int(options.snapshot_every),

@@ -79,17 +79,19 @@ class ReconstructionSession:
         python_command: the worker's Python, e.g. ``["PythonSlicer"]`` or ``[sys.executable]``.
         module_dir: the folder holding the ``qsmdip`` package.
         reference_node: optional gold standard; the worker then reports metrics with each snapshot.
+        magnitude_node: optional GRE magnitude on the field's grid (DIP uses it as an anatomical prior).
         output_node: volume to fill in place; None creates '<field name>_QSM'.
         env: base environment of the worker; temp_root: where the temporary folder goes.
     """
 
     def __init__(self, scene, field_node, mask_node, options: JobOptions, *, python_command: Sequence[str],
-                 module_dir: str, reference_node=None, output_node=None,
+                 module_dir: str, reference_node=None, magnitude_node=None, output_node=None,
                  env: Optional[Mapping[str, str]] = None, temp_root: Optional[str] = None, grace_s: float = 3.0):
         self.scene = scene
         self.field_node = field_node
         self.mask_node = mask_node
         self.reference_node = reference_node
+        self.magnitude_node = magnitude_node
         self.output_node = output_node
         self.options = options
         self.python_command = list(python_command)
@@ -117,7 +119,8 @@ class ReconstructionSession:
         if self.worker is not None:
             raise RuntimeError("this session was already started")
         self.job = prepare_job(self.field_node, self.mask_node, self.options, reference_node=self.reference_node,
-                               output_node=self.output_node, temp_root=self.temp_root)
+                               magnitude_node=self.magnitude_node, output_node=self.output_node,
+                               temp_root=self.temp_root)
         try:
             self.output_node = ensure_output_node(self.scene, self.field_node, self.output_node)
         except BaseException:
