@@ -111,9 +111,9 @@ def sweep(method, name, values, phantom, device, fixed=None):
     The best is chosen by NRMSE against the truth, an oracle no user has: it flatters the baselines,
     which is the fair direction for a comparison that DIP must win.
     """
-    default_value = getattr(settings_class(method)(), name)
+    default_value = getattr(settings_class(method)(), name)  # None: the method chooses it from the data
     runs = {v: run_method(method, phantom, device, dict(fixed or {}, **{name: v}))
-            for v in sorted(set(values) | {default_value})}
+            for v in sorted(set(values) | {default_value}, key=lambda v: (v is not None, v or 0.0))}
     best = min(runs.values(), key=lambda r: r["metrics"]["nrmse"])
     return dict(runs[default_value], method=method), dict(best, method=f"{method} best")
 
