@@ -223,7 +223,7 @@ def test_network_starts_exactly_at_the_base(tiny_case):
 def test_no_setting_or_stopping_rule_reads_the_ground_truth(tiny_case):
     """The solver's inputs are the field, the mask and the geometry; scoring against a truth inside the
     callback (as the benchmark does) must not change a single voxel or the number of iterations."""
-    allowed = {"field_ppm", "mask", "voxel_size_mm", "b0_dir", "settings", "callback", "callback_every", "device"}
+    allowed = {"field_ppm", "mask", "voxel_size_mm", "b0_dir", "settings", "callback", "callback_every", "device", "magnitude"}
     assert set(inspect.signature(solve_dip).parameters) == allowed
     assert not [f.name for f in dataclasses.fields(DIPSettings)
                 if any(word in f.name for word in ("true", "truth", "reference", "chi"))]

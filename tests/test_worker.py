@@ -57,7 +57,7 @@ def run_worker(job, python=sys.executable, timeout=300):
 
 def test_tv_job_streams_progress_snapshots_and_done(inputs, tmp_path):
     _, paths = inputs
-    code, msgs, err = run_worker(job_file(tmp_path, paths, method="tv", settings={"iterations": 4}))
+    code, msgs, err = run_worker(job_file(tmp_path, paths, method="tv", settings={"iterations": 4, "alpha": 0.03}))
     assert code == 0, err
     events = [m["event"] for m in msgs]
     assert events[0] == "started" and events[-1] == "done"

@@ -60,8 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     ph = sub.add_parser("phantom", help="write a numerical head phantom (field, mask, true chi)",
                         description="Write a numerical head phantom: field.nii.gz (local field), "
                                     "mask.nii.gz (brain mask), chi.nii.gz (true susceptibility, ppm), "
-                                    "labels.nii.gz (tissue labels).")
+                                    "labels.nii.gz (tissue labels) and, for --kind realistic, magnitude.nii.gz "
+                                    "(GRE magnitude, root sum of squares over the echoes).")
     ph.add_argument("outdir", help="folder to write into (created if missing)")
+    ph.add_argument("--kind", choices=("simple", "realistic"), default="simple",
+                    help="simple: piecewise-constant blocks built in code (default); realistic: MNI152 grey/white "
+                         "matter partial volumes with texture, iron-graded nuclei, veins, a calcification and a "
+                         "bleed, and a simulated multi-echo GRE (needs nilearn: pip install 'qsmdip[phantom]')")
     ph.add_argument("--voxel", type=voxel_arg, default=(2.0, 2.0, 2.0),
                     help="voxel size in mm, one value or i,j,k (default 2)")
     ph.add_argument("--size", type=size_arg, default=None,
@@ -70,11 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="tilt the slices by DEG degrees about the i axis; the file's direction matrix "
                          "records it, so B0 is oblique in the voxel frame (default 0: axial)")
     ph.add_argument("--snr", type=float, default=None,
-                    help="add Gaussian noise to the field: SNR = rms(field in mask) / noise std (default: none)")
+                    help="noise (default: none). simple: Gaussian noise on the field, SNR = rms(field in mask) / "
+                         "noise std; realistic: complex Gaussian noise on the GRE signal, SNR = mean first-echo "
+                         "magnitude in the brain / noise std (100 is typical of 3 T)")
+    ph.add_argument("--echo-times", default=None, metavar="S,S,...",
+                    help="realistic: echo times in seconds (default 0.004,0.012,0.020,0.028)")
     ph.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     ph.add_argument("--units", choices=FIELD_UNITS, default="ppm",
                     help="unit of the written field (hz needs --b0; rad needs --b0 and --te); default ppm")
-    ph.add_argument("--b0", type=float, default=None, help="B0 field strength in tesla (for --units hz/rad)")
+    ph.add_argument("--b0", type=float, default=None,
+                    help="B0 field strength in tesla: for --units hz/rad, and for the realistic phantom's simulated "
+                         "acquisition (phase per ppm, R2*; default 3 there)")
     ph.add_argument("--te", type=float, default=None, help="echo time in seconds (for --units rad)")
     ph.add_argument("--format", choices=("nii.gz", "nrrd"), default="nii.gz", help="file format (default nii.gz)")
 
@@ -152,17 +163,32 @@ def cmd_phantom(args) -> int:
     c, s = math.cos(angle), math.sin(angle)
     direction = np.array([[1, 0, 0], [0, c, -s], [0, s, c]], dtype=float)
     b0_dir = b0_direction_in_voxel_frame(direction)
-    phantom = make_head_phantom(args.size, args.voxel, b0_dir=b0_dir, snr=args.snr, seed=args.seed)
+    if args.kind == "realistic":
+        from .realistic_phantom import DEFAULT_ECHO_TIMES_S, make_realistic_phantom
+
+        echo_times = DEFAULT_ECHO_TIMES_S
+        if args.echo_times:
+            try:
+                echo_times = tuple(float(t) for t in args.echo_times.split(",") if t.strip())
+            except ValueError:
+                raise QSMInputError(f"--echo-times must be seconds separated by commas, got {args.echo_times!r}")
+        phantom = make_realistic_phantom(args.size, args.voxel, b0_dir=b0_dir, snr=args.snr, seed=args.seed,
+                                         b0_tesla=args.b0 if args.b0 is not None else 3.0, echo_times_s=echo_times)
+    else:
+        phantom = make_head_phantom(args.size, args.voxel, b0_dir=b0_dir, snr=args.snr, seed=args.seed)
     field = ppm_to_unit(phantom.field_ppm, args.units, args.b0, args.te)
     os.makedirs(args.outdir, exist_ok=True)
     geometry = dict(spacing_mm=args.voxel, origin=(0.0, 0.0, 0.0), direction=direction)
     written = []
-    for name, array in (("field", field), ("mask", phantom.mask.astype(np.float32)),
-                        ("chi", phantom.chi_ppm), ("labels", phantom.labels.astype(np.float32))):
+    outputs = [("field", field), ("mask", phantom.mask.astype(np.float32)),
+               ("chi", phantom.chi_ppm), ("labels", phantom.labels.astype(np.float32))]
+    if getattr(phantom, "magnitude", None) is not None:
+        outputs.append(("magnitude", phantom.magnitude))
+    for name, array in outputs:
         path = os.path.join(args.outdir, f"{name}.{args.format}")
         qio.write_volume(path, array, **geometry)
         written.append(path)
-    print(f"phantom {phantom.chi_ppm.shape} at {args.voxel} mm, B0 in voxel frame "
+    print(f"{args.kind} phantom {phantom.chi_ppm.shape} at {args.voxel} mm, B0 in voxel frame "
           f"({b0_dir[0]:.3f}, {b0_dir[1]:.3f}, {b0_dir[2]:.3f}), field in {args.units}:")
     for path in written:
         print(f"  {path}")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
@@ -54,6 +54,7 @@ class SolveResult:
     stop_reason: str = "completed"        #: 'completed', 'converged', 'time_limit', 'cancelled', 'discrepancy'...
     loss_history: List[float] = field(default_factory=list)
     device: str = "cpu"
+    chosen: Dict[str, Any] = field(default_factory=dict)  #: settings chosen from the data (e.g. the TV weight)
 
 
 class Stopwatch:

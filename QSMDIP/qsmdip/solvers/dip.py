@@ -83,6 +83,7 @@ class DIPSettings:
     ema: float = 0.0                           #: decay of an exponential moving average of the output (0 = off)
     holdout_fraction: float = 0.05             #: share of mask voxels kept out of the fit to stop on (0 = off)
     holdout_rise: float = 0.1                  #: stop once the held-out misfit is this much above its minimum
+    magnitude_input: bool = True               #: given a magnitude, feed it to the network as an extra channel
 
     def __post_init__(self) -> None:
         def bad(name: str, rule: str) -> QSMInputError:
@@ -109,6 +110,8 @@ class DIPSettings:
             raise bad("mixed_precision", "must be True or False")
         if not isinstance(self.normalise, bool):
             raise bad("normalise", "must be True or False")
+        if not isinstance(self.magnitude_input, bool):
+            raise bad("magnitude_input", "must be True or False")
         if self.max_seconds is not None and (not _is_number(self.max_seconds) or self.max_seconds <= 0):
             raise bad("max_seconds", "must be a positive number of seconds or None")
         if not _is_number(self.pad_factor) or self.pad_factor < 1:
@@ -321,7 +324,8 @@ def solve_dip(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[f
 
     generator = torch.Generator(device="cpu").manual_seed(settings.seed)
     in_channels = settings.noise_channels if settings.input == "noise" else 1
-    net = UNet3d(in_channels, 1, width=settings.width, depth=settings.depth)
+    use_magnitude = magnitude32 is not None and settings.magnitude_input
+    net = UNet3d(in_channels + int(use_magnitude), 1, width=settings.width, depth=settings.depth)
     net.reset_parameters(generator)
     if settings.base != "none":
         torch.nn.init.zeros_(net.head.weight)  # start the fit from the base estimate itself
@@ -333,7 +337,12 @@ def solve_dip(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[f
     else:
         noise = torch.randn((1, in_channels) + crop.field_ppm.shape, generator=generator)
         net_input = noise.to(torch_device)
+    if use_magnitude:
+        # the anatomy as a second channel (mean 1 in the mask, 0 outside): edges the network can follow
+        anatomy = torch.as_tensor(magnitude32[crop.box], dtype=torch.float32, device=torch_device)
+        net_input = torch.cat([net_input, anatomy[None, None]], dim=1)
     jitter = settings.input_jitter if settings.input == "noise" else 0.0
+    jitter_channels = in_channels  # never jitter the magnitude channel
     jitter_generator = torch.Generator(device=torch_device).manual_seed(settings.seed + 1) if jitter > 0 else None
 
     optimiser = torch.optim.Adam(net.parameters(), lr=settings.learning_rate, betas=settings.betas)
@@ -345,7 +354,10 @@ def solve_dip(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[f
         ctx = torch.autocast("cuda", dtype=amp_dtype) if use_amp else contextlib.nullcontext()
         x = net_input
         if jitter > 0:
-            x = x + jitter * torch.randn(x.shape, generator=jitter_generator, device=torch_device)
+            fresh = torch.zeros_like(x)
+            fresh[:, :jitter_channels] = torch.randn(x[:, :jitter_channels].shape, generator=jitter_generator,
+                                                     device=torch_device)
+            x = x + jitter * fresh
         with ctx:
             out = net(x)
         return out[0, 0].float()

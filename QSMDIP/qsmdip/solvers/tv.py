@@ -12,15 +12,25 @@ with two splittings (Milovic et al., MRM 2018, "FANSI"): z = grad chi (penalty m
     v   <- (M f + mu2 (D chi + u)) / (M + mu2)                                     (voxelwise data prox)
     s   <- s + grad chi - z,   u <- u + D chi - v                                  (scaled dual updates)
 
-Gradients are forward differences with periodic boundaries over the padded grid (in ppm/mm, so
-``alpha`` depends on the field's scale but not on the voxel count per mm). The mask keeps the data term
-to the voxels that hold a measured field; outside it chi is shaped only by TV and by the field it
-induces inside the mask. The result is masked before it is returned.
+Gradients are forward differences with periodic boundaries over the padded grid (per mm). The field is
+divided by its RMS inside the mask before the solve and chi is scaled back after it, so ``alpha`` is
+free of the field's scale: the same weight suits a field in ppm of any strength (a weaker field, or
+fewer echoes, needs no retuning). The mask keeps the data term to the voxels that hold a measured field;
+outside it chi is shaped only by TV and by the field it induces inside the mask. The result is masked
+before it is returned.
+
+With ``alpha=None`` (the default) the weight is chosen per case from the data alone, by hold-out
+cross-validation: a seeded 10 % of the mask voxels is left out of the data term, TV runs down a
+decreasing grid of weights (each warm-started from the previous one), and the weight whose map best
+predicts the field on the left-out voxels wins (refined by a parabola through its neighbours in
+log alpha). The final map is then solved with all voxels, starting from that candidate's state.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+import logging
+import math
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -33,6 +43,7 @@ from ..operator import DipoleOperator
 from .base import Callback, check_magnitude, Progress, SolveResult, Stopwatch, check_inputs, crop_to_mask
 
 _DIMS = (-3, -2, -1)
+log = logging.getLogger("qsmdip")
 
 
 @dataclass
@@ -40,44 +51,63 @@ class TVSettings:
     """Settings of TV-ADMM.
 
     Attributes:
-        alpha: TV weight (> 0), ppm*mm per unit gradient. The default 4e-4 was the best (lowest NRMSE)
-            of a sweep on the 2 mm noisy head phantom (``phantom.make_head_phantom``); larger values give
-            flatter, more cartoon-like maps.
-        mu1: ADMM penalty of the gradient splitting (> 0); None means 100 * alpha, FANSI's rule.
+        alpha: TV weight relative to the field's RMS in the mask (> 0, in mm; scale-free, see the module
+            docstring), or None to choose it per case by hold-out cross-validation (default). The best
+            fixed values measured were 0.025 on the realistic phantom and 0.034 on the simple one
+            (``benchmarks/benchmark.py``); larger values give flatter, more cartoon-like maps.
+        mu1: ADMM penalty of the gradient splitting (> 0, same units as alpha); None means 100 * alpha
+            (FANSI's rule).
         mu2: ADMM penalty of the data splitting (> 0), 1 as in FANSI.
-        iterations: iteration cap (>= 1).
+        iterations: iteration cap of the final solve (>= 1).
         tolerance: stop with 'converged' once ||chi_k - chi_(k-1)|| / ||chi_k|| inside the mask falls
             below it (>= 0; 0 runs all iterations).
         max_seconds: stop with 'time_limit' after this wall time (None: no limit).
         pad_factor: FFT grid = pad_factor x the mask's bounding box (>= 1; 2 avoids wrap-around).
+        alpha_grid: relative weights tried by the automatic choice, largest first (steps of sqrt 2); the
+            search stops once the held-out misfit has risen twice past its minimum.
+        cv_iterations: ADMM iteration cap per candidate weight after the first, which is warm-started
+            from its larger neighbour (>= 1; each also stops at ``tolerance``).
+        holdout_fraction: share of the mask voxels the automatic choice leaves out (0 < f <= 0.5).
+        seed: seeds the choice of left-out voxels (>= 0).
     """
 
-    alpha: float = 4e-4
+    alpha: Optional[float] = None
     mu1: Optional[float] = None
     mu2: float = 1.0
     iterations: int = 150
     tolerance: float = 1e-3
     max_seconds: Optional[float] = None
     pad_factor: float = 2.0
+    alpha_grid: Tuple[float, ...] = (0.071, 0.05, 0.035, 0.025, 0.0177, 0.0125, 0.0088, 0.0063)
+    cv_iterations: int = 50
+    holdout_fraction: float = 0.1
+    seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("alpha", "mu2") + (("mu1",) if self.mu1 is not None else ()):
+        for name in (("alpha",) if self.alpha is not None else ()) + ("mu2",) + (("mu1",) if self.mu1 is not None else ()):
             value = float(getattr(self, name))
             if not (value > 0.0 and np.isfinite(value)):
                 raise QSMInputError(f"TV {name} must be a positive number, got {getattr(self, name)}")
-        if int(self.iterations) != self.iterations or self.iterations < 1:
-            raise QSMInputError(f"TV iterations must be a whole number >= 1, got {self.iterations}")
+        for name, minimum in (("iterations", 1), ("cv_iterations", 1), ("seed", 0)):
+            value = getattr(self, name)
+            if int(value) != value or value < minimum:
+                raise QSMInputError(f"TV {name} must be a whole number >= {minimum}, got {value}")
         if not (float(self.tolerance) >= 0.0):
             raise QSMInputError(f"tolerance must be >= 0, got {self.tolerance}")
         if self.max_seconds is not None and not (float(self.max_seconds) > 0.0):
             raise QSMInputError(f"max_seconds must be positive or None, got {self.max_seconds}")
         if not (float(self.pad_factor) >= 1.0):
             raise QSMInputError(f"pad_factor must be >= 1, got {self.pad_factor}")
+        grid = tuple(float(a) for a in np.ravel(self.alpha_grid))
+        if len(grid) < 1 or not all(a > 0 and np.isfinite(a) for a in grid):
+            raise QSMInputError(f"TV alpha_grid must hold positive weights, got {self.alpha_grid}")
+        self.alpha_grid = tuple(sorted(grid, reverse=True))
+        if not (0.0 < float(self.holdout_fraction) <= 0.5):
+            raise QSMInputError(f"TV holdout_fraction must be in (0, 0.5], got {self.holdout_fraction}")
 
-    @property
-    def gradient_penalty(self) -> float:
-        """mu1 as used: the given value, or 100 * alpha."""
-        return float(self.mu1) if self.mu1 is not None else 100.0 * float(self.alpha)
+    def gradient_penalty(self, alpha: float) -> float:
+        """mu1 as used for this alpha: the given value, or 100 * alpha."""
+        return float(self.mu1) if self.mu1 is not None else 100.0 * float(alpha)
 
 
 def _gradient(x: torch.Tensor, voxel_size_mm: Sequence[float]) -> torch.Tensor:
@@ -96,6 +126,149 @@ def _check_callback_every(callback_every: int) -> int:
     return int(callback_every)
 
 
+@dataclass
+class _State:
+    """ADMM variables: the splittings z = grad chi, v = D chi and their scaled duals s, u."""
+
+    z: torch.Tensor
+    s: torch.Tensor
+    v: torch.Tensor
+    u: torch.Tensor
+    mu1: float
+
+    def clone(self) -> "_State":
+        return _State(self.z.clone(), self.s.clone(), self.v.clone(), self.u.clone(), self.mu1)
+
+
+class _TVProblem:
+    """The padded, normalised problem of one field and mask, solved by ADMM for any weight and data mask."""
+
+    def __init__(self, field_box: np.ndarray, mask_box: np.ndarray, voxel_size_mm, b0_dir, pad_factor: float,
+                 device: torch.device):
+        self.voxel_size_mm = voxel_size_mm
+        op = DipoleOperator(field_box.shape, voxel_size_mm, b0_dir, pad_factor=pad_factor,
+                            device=device, dtype=torch.float32)
+        self.size = op.fft_shape
+        self.kernel = op.kernel
+        self.grad_sq = torch.as_tensor(laplacian_kernel(self.size, voxel_size_mm, half=True),
+                                       dtype=torch.float32, device=device)
+        self.mask_box = torch.as_tensor(mask_box, device=device, dtype=torch.float32)
+        self.mask_pad, self.field_pad = _pad_pair(self.mask_box, torch.as_tensor(field_box, device=device), self.size)
+        self.box = tuple(slice(0, n) for n in mask_box.shape)
+
+    def initial_state(self, mu1: float) -> _State:
+        z = torch.zeros((3,) + tuple(self.size), dtype=torch.float32, device=self.field_pad.device)
+        # start from D chi = f: the first chi is Tikhonov-like
+        return _State(z, torch.zeros_like(z), self.field_pad.clone(), torch.zeros_like(self.field_pad), mu1)
+
+    def run(self, state: _State, alpha: float, mu1: float, mu2: float, iterations: int, weight: torch.Tensor,
+            on_iteration: Optional[Callable[[int, float, torch.Tensor, torch.Tensor], Optional[str]]] = None):
+        """Run up to ``iterations`` ADMM steps from ``state`` (changed in place); ``weight`` is the data mask.
+
+        ``on_iteration(iteration, loss, chi_box, d_chi_pad)`` may return a stop reason. Returns
+        (iterations done, stop reason or None, chi on the box, D chi on the padded grid).
+        """
+        if state.mu1 != mu1:  # scaled duals are duals / mu1: rescale when the penalty changes
+            state.s.mul_(state.mu1 / mu1)
+            state.mu1 = mu1
+        voxel = self.voxel_size_mm
+        inverse = 1.0 / (mu1 * self.grad_sq + mu2 * self.kernel ** 2)
+        inverse[0, 0, 0] = 0.0  # both terms vanish at k = 0: the mean is left at 0
+        weighted_field = weight * self.field_pad
+        chi = d_chi = None
+        reason = None
+        iteration = 0
+        for iteration in range(1, iterations + 1):
+            numerator = (mu1 * torch.fft.rfftn(_gradient_adjoint(state.z - state.s, voxel), s=self.size, dim=_DIMS)
+                         + mu2 * self.kernel * torch.fft.rfftn(state.v - state.u, s=self.size, dim=_DIMS))
+            chi_spec = numerator * inverse
+            chi = torch.fft.irfftn(chi_spec, s=self.size, dim=_DIMS)
+            d_chi = torch.fft.irfftn(self.kernel * chi_spec, s=self.size, dim=_DIMS)
+
+            grad = _gradient(chi, voxel)
+            shifted = grad + state.s
+            norm = torch.sqrt(torch.sum(shifted ** 2, dim=0))
+            state.z = shifted * torch.clamp(1.0 - (alpha / mu1) / torch.clamp(norm, min=1e-12), min=0.0)
+            state.s = shifted - state.z
+
+            target = d_chi + state.u
+            state.v = (weighted_field + mu2 * target) / (weight + mu2)
+            state.u = target - state.v
+            if on_iteration is not None:
+                tv_norm = torch.sum(torch.sqrt(torch.sum(grad ** 2, dim=0)))
+                loss = float(0.5 * torch.sum((weight * (d_chi - self.field_pad)) ** 2) + alpha * tv_norm)
+                reason = on_iteration(iteration, loss, chi[self.box] * self.mask_box, d_chi)
+                if reason is not None:
+                    break
+        return iteration, reason, chi[self.box] * self.mask_box, d_chi
+
+
+@dataclass
+class WeightChoice:
+    """The automatic choice of a regularisation weight: the candidates, their scores and the winner."""
+
+    chosen: float
+    candidates: List[float]
+    scores: List[float]          #: held-out misfit (mean squared, normalised field) per candidate
+    rule: str = "holdout"
+
+
+def choose_alpha(problem: _TVProblem, settings: TVSettings, device: torch.device,
+                 on_candidate: Optional[Callable[[float, torch.Tensor], None]] = None,
+                 cancelled: Optional[Callable[[], bool]] = None) -> Tuple[WeightChoice, Optional[_State]]:
+    """Pick alpha by hold-out cross-validation down ``settings.alpha_grid`` (see the module docstring).
+
+    Returns the choice and the ADMM state of the best candidate (a warm start for the final solve).
+    ``on_candidate(alpha, chi_box)`` sees each candidate's map (benchmarks score it; the rule does not).
+    """
+    generator = torch.Generator(device="cpu").manual_seed(int(settings.seed))
+    pick = torch.rand(tuple(problem.mask_box.shape), generator=generator).to(device) < settings.holdout_fraction
+    held_box = (pick & (problem.mask_box > 0)).float()
+    held, _ = _pad_pair(held_box, held_box, problem.size)
+    fit_weight = problem.mask_pad - held
+    n_held = float(held.sum())
+    grid = list(settings.alpha_grid)
+    if n_held < 64 or len(grid) == 1:
+        return WeightChoice(grid[len(grid) // 2], grid, [], rule="fixed (too few voxels to hold out)"), None
+    state = problem.initial_state(settings.gradient_penalty(grid[0]))
+    scores: List[float] = []
+    best_state, best_score = None, math.inf
+    for index, alpha in enumerate(grid):
+        previous = {"chi": None}
+
+        def until_converged(iteration: int, loss: float, chi_box: torch.Tensor, d_chi: torch.Tensor) -> Optional[str]:
+            old, previous["chi"] = previous["chi"], chi_box
+            if old is None:
+                return None
+            change = float(torch.linalg.vector_norm(chi_box - old) / torch.clamp(torch.linalg.vector_norm(chi_box), min=1e-12))
+            return "converged" if change < settings.tolerance else None
+
+        # the first candidate starts cold; the others start from their larger neighbour's solution
+        budget = int(settings.iterations) if index == 0 else int(settings.cv_iterations)
+        _, _, chi_box, d_chi = problem.run(state, alpha, settings.gradient_penalty(alpha), float(settings.mu2),
+                                            budget, fit_weight, until_converged)
+        score = float(torch.sum(held * (d_chi - problem.field_pad) ** 2) / n_held)
+        scores.append(score)
+        if on_candidate is not None:
+            on_candidate(alpha, chi_box)
+        if score < best_score:
+            best_score, best_state = score, state.clone()
+        if cancelled is not None and cancelled():
+            break
+        if len(scores) >= 3 and min(scores[-2:]) > best_score:  # two rises past the minimum: it is behind us
+            break
+    best = int(np.argmin(scores))
+    chosen = grid[best]
+    if 0 < best < len(scores) - 1:  # parabola through the minimum and its neighbours, in log alpha
+        x = np.log([grid[best - 1], grid[best], grid[best + 1]])
+        y = np.asarray(scores[best - 1: best + 2])
+        curvature = (y[0] - 2 * y[1] + y[2])
+        if curvature > 0:
+            step = 0.5 * (y[0] - y[2]) / curvature * (x[0] - x[1])
+            chosen = float(np.exp(x[1] + np.clip(step, -abs(x[0] - x[1]), abs(x[0] - x[1]))))
+    return WeightChoice(float(chosen), grid[: len(scores)], scores), best_state
+
+
 def solve_tv(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[float], *,
              b0_dir: Sequence[float] = SUPERIOR, settings: Optional[TVSettings] = None,
              callback: Optional[Callback] = None, callback_every: int = 10,
@@ -105,68 +278,56 @@ def solve_tv(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[fl
     The callback gets a :class:`Progress` every ``callback_every`` iterations and after the last one;
     returning True stops with stop_reason 'cancelled'. Other stop reasons: 'completed' (iteration cap),
     'converged' (``tolerance``), 'time_limit' (``max_seconds``). ``loss_history`` holds the objective
-    of the module docstring (sums over the padded grid) after each iteration.
+    of the module docstring (normalised field, sums over the padded grid) after each iteration. With
+    ``settings.alpha`` None the weight is chosen first (logged; ``result.chosen['alpha']`` says which).
+    ``magnitude`` is accepted for the common call shape and not used by TV.
     """
     settings = settings or TVSettings()
     every = _check_callback_every(callback_every)
     watch = Stopwatch(settings.max_seconds)
     field32, mask_bool = check_inputs(field_ppm, mask)
-    magnitude32 = check_magnitude(magnitude, mask_bool)
+    check_magnitude(magnitude, mask_bool)
     voxel_size_mm = check_voxel_size(voxel_size_mm)
     torch_device, _ = resolve_device(device)
     crop = crop_to_mask(field32, mask_bool)
-    alpha, mu1, mu2 = float(settings.alpha), settings.gradient_penalty, float(settings.mu2)
+    scale = float(np.sqrt(np.mean(np.square(crop.field_ppm[crop.mask], dtype=np.float64)))) or 1.0
+    mu2 = float(settings.mu2)
     max_iterations = int(settings.iterations)
+    chosen = {}
 
     with torch.no_grad():
-        op = DipoleOperator(crop.field_ppm.shape, voxel_size_mm, b0_dir, pad_factor=settings.pad_factor,
-                            device=torch_device, dtype=torch.float32)
-        size = op.fft_shape
-        kernel = op.kernel
-        grad_sq = torch.as_tensor(laplacian_kernel(size, voxel_size_mm, half=True),
-                                  dtype=torch.float32, device=torch_device)
-        inverse = 1.0 / (mu1 * grad_sq + mu2 * kernel ** 2)
-        inverse[0, 0, 0] = 0.0  # both terms vanish at k = 0: the mean is left at 0
+        problem = _TVProblem(crop.field_ppm / scale, crop.mask, voxel_size_mm, b0_dir, settings.pad_factor,
+                             torch_device)
+        state = None
+        cancelled = False
+        if settings.alpha is None:
+            def show_candidate(candidate_alpha: float, chi_box: torch.Tensor) -> None:
+                # each candidate's map reaches the callback as iteration 0: a preview, and a chance to cancel
+                nonlocal cancelled
+                if callback is not None and not cancelled:
+                    preview = crop.paste((chi_box * scale).cpu().numpy())
+                    cancelled = bool(callback(Progress(0, max_iterations, math.nan, watch.elapsed_s, preview)))
 
-        mask_box = torch.as_tensor(crop.mask, device=torch_device, dtype=torch.float32)
-        weight, field_pad = _pad_pair(mask_box, torch.as_tensor(crop.field_ppm, device=torch_device), size)
-        weighted_field = weight * field_pad
-        box = tuple(slice(0, n) for n in mask_box.shape)
+            choice, state = choose_alpha(problem, settings, torch_device, on_candidate=show_candidate,
+                                         cancelled=lambda: cancelled or watch.expired())
+            alpha = choice.chosen
+            log.info("tv: alpha %.4g (relative to the field RMS) chosen by hold-out cross-validation over %s",
+                     alpha, ", ".join(f"{a:g}" for a in choice.candidates))
+            chosen = {"alpha": alpha, "alpha_rule": choice.rule, "alpha_scores": dict(zip(choice.candidates, choice.scores))}
+        else:
+            alpha = float(settings.alpha)
+            chosen = {"alpha": alpha, "alpha_rule": "given"}
+        mu1 = settings.gradient_penalty(alpha)
+        if state is None:
+            state = problem.initial_state(mu1)
+        losses: List[float] = []
+        last = {"chi": torch.zeros_like(problem.mask_box), "reason": "cancelled" if cancelled else None}
 
-        z = torch.zeros((3,) + tuple(size), dtype=torch.float32, device=torch_device)
-        s = torch.zeros_like(z)
-        v = field_pad.clone()          # start from D chi = f: the first chi is Tikhonov-like
-        u = torch.zeros_like(v)
-        chi_box_prev = torch.zeros_like(mask_box)
-        losses = []
-        stop_reason = "completed"
-        iteration = 0
-        for iteration in range(1, max_iterations + 1):
-            numerator = (mu1 * torch.fft.rfftn(_gradient_adjoint(z - s, voxel_size_mm), s=size, dim=_DIMS)
-                         + mu2 * kernel * torch.fft.rfftn(v - u, s=size, dim=_DIMS))
-            chi_spec = numerator * inverse
-            chi = torch.fft.irfftn(chi_spec, s=size, dim=_DIMS)
-            d_chi = torch.fft.irfftn(kernel * chi_spec, s=size, dim=_DIMS)
-
-            grad = _gradient(chi, voxel_size_mm)
-            shifted = grad + s
-            norm = torch.sqrt(torch.sum(shifted ** 2, dim=0))
-            z = shifted * torch.clamp(1.0 - (alpha / mu1) / torch.clamp(norm, min=1e-12), min=0.0)
-            s = shifted - z
-
-            target = d_chi + u
-            v = (weighted_field + mu2 * target) / (weight + mu2)
-            u = target - v
-
-            tv_norm = torch.sum(torch.sqrt(torch.sum(grad ** 2, dim=0)))
-            loss = float(0.5 * torch.sum((weight * (d_chi - field_pad)) ** 2) + alpha * tv_norm)
+        def on_iteration(iteration: int, loss: float, chi_box: torch.Tensor, d_chi: torch.Tensor) -> Optional[str]:
             losses.append(loss)
-
-            chi_box = chi[box] * mask_box
-            change = float(torch.linalg.vector_norm(chi_box - chi_box_prev)
+            change = float(torch.linalg.vector_norm(chi_box - last["chi"])
                            / torch.clamp(torch.linalg.vector_norm(chi_box), min=1e-12))
-            chi_box_prev = chi_box
-
+            last["chi"] = chi_box
             reason = None
             if change < settings.tolerance:
                 reason = "converged"
@@ -176,17 +337,20 @@ def solve_tv(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[fl
                 reason = "time_limit"
             if callback is not None and (reason is not None or iteration % every == 0):
                 progress = Progress(iteration, max_iterations, loss, watch.elapsed_s,
-                                    crop.paste(chi_box.cpu().numpy()))
+                                    crop.paste((chi_box * scale).cpu().numpy()))
                 if callback(progress) and reason is None:
                     reason = "cancelled"
-            if reason is not None:
-                stop_reason = reason
-                break
+            return reason
 
-        chi_full = crop.paste(chi_box_prev.cpu().numpy())
+        iteration = 0
+        if not cancelled:
+            iteration, reason, _, _ = problem.run(state, alpha, mu1, mu2, max_iterations, problem.mask_pad,
+                                                  on_iteration)
+            last["reason"] = reason or "completed"
+        chi_full = crop.paste((last["chi"] * scale).cpu().numpy())
 
     return SolveResult(chi_ppm=chi_full, method="tv", iterations=iteration, elapsed_s=watch.elapsed_s,
-                       stop_reason=stop_reason, loss_history=losses, device=str(torch_device))
+                       stop_reason=last["reason"], loss_history=losses, device=str(torch_device), chosen=chosen)
 
 
 def _pad_pair(mask_box: torch.Tensor, field_box: torch.Tensor,

@@ -1,0 +1,61 @@
+"""TV's weight: free of the field's scale, chosen per case from the data alone, and logged."""
+import logging
+
+import numpy as np
+import pytest
+
+pytest.importorskip("nilearn")
+
+from qsmdip.metrics import nrmse
+from qsmdip.realistic_phantom import make_realistic_phantom
+from qsmdip.solvers.tv import TVSettings, solve_tv
+
+
+@pytest.fixture(scope="module")
+def small_realistic():
+    """A 4 mm realistic phantom cropped around the brain's centre, with noise typical of 3 T."""
+    return make_realistic_phantom(shape=(36, 44, 36), voxel_size_mm=(4.0, 4.0, 4.0), snr=60.0, seed=1)
+
+
+def _tv(ph, **kwargs):
+    return solve_tv(ph.field_ppm, ph.mask, ph.voxel_size_mm, b0_dir=ph.b0_dir,
+                    settings=TVSettings(**kwargs), device="cpu")
+
+
+def test_weight_is_free_of_the_field_scale(small_realistic):
+    ph = small_realistic
+    one = _tv(ph, alpha=0.03, iterations=40)
+    scaled = solve_tv(ph.field_ppm * 10.0, ph.mask, ph.voxel_size_mm, b0_dir=ph.b0_dir,
+                      settings=TVSettings(alpha=0.03, iterations=40), device="cpu")
+    np.testing.assert_allclose(scaled.chi_ppm, 10.0 * one.chi_ppm, rtol=1e-3, atol=1e-6)
+
+
+def test_automatic_weight_lands_near_the_best_and_is_logged(small_realistic, caplog):
+    ph = small_realistic
+    sweep = {alpha: nrmse(_tv(ph, alpha=alpha).chi_ppm, ph.chi_ppm, ph.mask) for alpha in (0.0125, 0.025, 0.05)}
+    with caplog.at_level(logging.INFO, logger="qsmdip"):
+        auto = _tv(ph)
+    assert "chosen by hold-out cross-validation" in caplog.text
+    chosen = auto.chosen["alpha"]
+    assert 0.005 < chosen < 0.1 and auto.chosen["alpha_rule"] == "holdout"
+    best = min(sweep.values())
+    assert nrmse(auto.chi_ppm, ph.chi_ppm, ph.mask) <= 1.05 * best, (chosen, sweep)
+
+
+def test_noisier_data_get_a_larger_weight():
+    """Cross-validation sees the noise: ten times the noise must not pick a smaller weight."""
+    quiet = make_realistic_phantom(shape=(36, 44, 36), voxel_size_mm=(4.0, 4.0, 4.0), snr=200.0, seed=2)
+    loud = make_realistic_phantom(shape=(36, 44, 36), voxel_size_mm=(4.0, 4.0, 4.0), snr=20.0, seed=2)
+    assert _tv(loud).chosen["alpha"] > _tv(quiet).chosen["alpha"]
+
+
+def test_automatic_weight_does_not_read_the_truth(small_realistic):
+    """Same data, same seed: the same weight and map, whatever truth a caller scores against."""
+    ph = small_realistic
+    seen = []
+    first = solve_tv(ph.field_ppm, ph.mask, ph.voxel_size_mm, b0_dir=ph.b0_dir, device="cpu",
+                     callback=lambda p: seen.append(nrmse(p.chi_ppm, -ph.chi_ppm, ph.mask)))
+    second = _tv(ph)
+    assert first.chosen["alpha"] == second.chosen["alpha"]
+    np.testing.assert_array_equal(first.chi_ppm, second.chi_ppm)
+    assert seen  # the callback did score every preview
