@@ -194,9 +194,12 @@ def test_tv_base_is_the_start_streams_as_iteration_zero_and_can_be_cancelled(tin
     seen = []
     settings = dip_settings("default", width=4, depth=2, iterations=4, base_iterations=8)
     r = solve_dip(field, mask, VOXEL_MM, settings=settings, callback=seen.append, callback_every=2, device="cpu")
-    assert [p.iteration for p in seen] == [0, 0, 0, 0, 2, 4]  # TV's 2, 4, 6, 8, then the network's
+    iterations = [p.iteration for p in seen]
+    first_network = iterations.index(2)
+    # TV's weight candidates and iterations, all as iteration 0, then the network's
+    assert first_network >= 2 and set(iterations[:first_network]) == {0} and iterations[first_network:] == [2, 4]
     assert all(p.max_iterations == 4 for p in seen)
-    np.testing.assert_allclose(seen[3].chi_ppm, tv.chi_ppm, atol=1e-7)  # the base is the TV solver's map
+    np.testing.assert_allclose(seen[first_network - 1].chi_ppm, tv.chi_ppm, atol=1e-7)  # the TV solver's map
     assert not np.array_equal(r.chi_ppm, tv.chi_ppm)
 
     def cancel_in_base(progress):

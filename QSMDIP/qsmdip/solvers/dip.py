@@ -252,7 +252,7 @@ def _base_estimate(settings: DIPSettings, field32: np.ndarray, mask: np.ndarray,
                    max_iterations: int) -> Tuple[np.ndarray, bool]:
     """The classical estimate (ppm, full volume) the network corrects, and whether the user cancelled.
 
-    It is the library's own Tikhonov or TV-ADMM solver with its default weight. Its progress reaches the
+    It is the library's own Tikhonov or TV-ADMM solver, each with its weight chosen from the data. Its progress reaches the
     callback as iteration 0 of the DIP run, so a caller sees the base map early and can cancel during it.
     """
     from .tikhonov import solve_tikhonov
@@ -268,8 +268,7 @@ def _base_estimate(settings: DIPSettings, field32: np.ndarray, mask: np.ndarray,
     if settings.base == "tikhonov":
         result = solve_tikhonov(field32, mask, voxel_size, b0_dir=b0, device=device)
     else:
-        tv_settings = TVSettings(iterations=settings.base_iterations, pad_factor=settings.pad_factor,
-                                 max_seconds=settings.max_seconds)
+        tv_settings = TVSettings(iterations=settings.base_iterations, max_seconds=settings.max_seconds)
         result = solve_tv(field32, mask, voxel_size, b0_dir=b0, settings=tv_settings, device=device,
                           callback=forward if callback is not None else None, callback_every=callback_every)
     return result.chi_ppm, cancelled
