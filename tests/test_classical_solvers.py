@@ -133,7 +133,7 @@ def test_tv_callback_progress_and_cancel(clean):
         seen.append(progress)
         return False
 
-    full = solve_tv(field, mask, ISO, settings=TVSettings(iterations=12, tolerance=0.0),
+    full = solve_tv(field, mask, ISO, settings=TVSettings(alpha=0.03, iterations=12, tolerance=0.0),
                     callback=watch, callback_every=5, device="cpu")
     assert full.stop_reason == "completed" and full.iterations == 12
     assert [p.iteration for p in seen] == [5, 10, 12]   # every 5, and after the last one
@@ -149,7 +149,7 @@ def test_tv_callback_progress_and_cancel(clean):
         calls.append(progress.iteration)
         return progress.iteration >= 4
 
-    cancelled = solve_tv(field, mask, ISO, settings=TVSettings(iterations=50, tolerance=0.0),
+    cancelled = solve_tv(field, mask, ISO, settings=TVSettings(alpha=0.03, iterations=50, tolerance=0.0),
                          callback=cancel, callback_every=2, device="cpu")
     assert cancelled.stop_reason == "cancelled"
     assert cancelled.iterations == 4 and calls == [2, 4]

@@ -92,7 +92,8 @@ def test_snapshots_written(phantom_dir, tmp_path):
                  "--method", "tv", "--iterations", "6", "--every", "3", "--snapshots", str(snaps),
                  "--no-progress"]) == 0
     names = sorted(os.listdir(snaps))
-    assert names == ["snapshot_00003.nii.gz", "snapshot_00006.nii.gz"]
+    # iteration 0: the automatic weight's candidates, then every 3 iterations and the last
+    assert names == ["snapshot_00000.nii.gz", "snapshot_00003.nii.gz", "snapshot_00006.nii.gz"]
 
 
 def write(path, array, spacing=(4, 4, 4)):

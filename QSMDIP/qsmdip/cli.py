@@ -132,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "and write a PNG comparing truth, TKD, DIP and the DIP error.")
     dm.add_argument("--outdir", default="qsmdip-demo", help="folder for the files and the PNG (default qsmdip-demo)")
     dm.add_argument("--voxel", type=voxel_arg, default=(3.0, 3.0, 3.0), help="phantom voxel size in mm (default 3)")
+    dm.add_argument("--kind", choices=("simple", "realistic"), default="simple",
+                    help="phantom: simple (default) or realistic (needs nilearn; DIP also gets its magnitude)")
     dm.add_argument("--iterations", type=int, default=None, help="DIP iterations (default: the preset's)")
     dm.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     dm.add_argument("--seed", type=int, default=0)
@@ -312,7 +314,7 @@ def cmd_demo(args) -> int:
     from .demo import run_demo
 
     run_demo(args.outdir, voxel_size_mm=args.voxel, dip_iterations=args.iterations, device=args.device,
-             seed=args.seed, report=print)
+             seed=args.seed, kind=args.kind, report=print)
     return 0
 
 

@@ -79,11 +79,13 @@ class DIPSettings:
     normalise: bool = True                     #: fit the field divided by its RMS in the mask (not in the original)
     base: str = "tv"                           #: "none", "tikhonov" or "tv": chi = classical estimate + network
     base_iterations: int = 150                 #: TV-ADMM iterations of the "tv" base (>= 1)
+    base_alpha: Optional[float] = None         #: relative TV weight of the base; None: chosen from the data
     input_jitter: float = 0.0                  #: std of fresh noise added to the noise input each step (>= 0)
     ema: float = 0.0                           #: decay of an exponential moving average of the output (0 = off)
     holdout_fraction: float = 0.05             #: share of mask voxels kept out of the fit to stop on (0 = off)
     holdout_rise: float = 0.1                  #: stop once the held-out misfit is this much above its minimum
     magnitude_input: bool = True               #: given a magnitude, feed it to the network as an extra channel
+    magnitude_weighting: bool = True           #: given a magnitude, weight the data term by magnitude^2 (noise model)
 
     def __post_init__(self) -> None:
         def bad(name: str, rule: str) -> QSMInputError:
@@ -110,12 +112,15 @@ class DIPSettings:
             raise bad("mixed_precision", "must be True or False")
         if not isinstance(self.normalise, bool):
             raise bad("normalise", "must be True or False")
-        if not isinstance(self.magnitude_input, bool):
-            raise bad("magnitude_input", "must be True or False")
+        for name in ("magnitude_input", "magnitude_weighting"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "must be True or False")
         if self.max_seconds is not None and (not _is_number(self.max_seconds) or self.max_seconds <= 0):
             raise bad("max_seconds", "must be a positive number of seconds or None")
         if not _is_number(self.pad_factor) or self.pad_factor < 1:
             raise bad("pad_factor", "must be a number >= 1")
+        if self.base_alpha is not None and (not _is_number(self.base_alpha) or self.base_alpha <= 0):
+            raise bad("base_alpha", "must be a positive number or None")
         if not _is_number(self.input_jitter) or self.input_jitter < 0:
             raise bad("input_jitter", "must be a number >= 0")
         if self.input == "base" and self.base == "none":
@@ -252,8 +257,9 @@ def _base_estimate(settings: DIPSettings, field32: np.ndarray, mask: np.ndarray,
                    max_iterations: int) -> Tuple[np.ndarray, bool]:
     """The classical estimate (ppm, full volume) the network corrects, and whether the user cancelled.
 
-    It is the library's own Tikhonov or TV-ADMM solver, each with its weight chosen from the data. Its progress reaches the
-    callback as iteration 0 of the DIP run, so a caller sees the base map early and can cancel during it.
+    It is the library's own Tikhonov or TV-ADMM solver, each with its weight chosen from the data. Its
+    progress reaches the callback as iteration 0 of the DIP run, so a caller sees the base map early and can
+    cancel during it.
     """
     from .tikhonov import solve_tikhonov
     from .tv import TVSettings, solve_tv
@@ -268,7 +274,8 @@ def _base_estimate(settings: DIPSettings, field32: np.ndarray, mask: np.ndarray,
     if settings.base == "tikhonov":
         result = solve_tikhonov(field32, mask, voxel_size, b0_dir=b0, device=device)
     else:
-        tv_settings = TVSettings(iterations=settings.base_iterations, max_seconds=settings.max_seconds)
+        tv_settings = TVSettings(alpha=settings.base_alpha, iterations=settings.base_iterations,
+                                 max_seconds=settings.max_seconds)
         result = solve_tv(field32, mask, voxel_size, b0_dir=b0, settings=tv_settings, device=device,
                           callback=forward if callback is not None else None, callback_every=callback_every)
     return result.chi_ppm, cancelled
@@ -366,6 +373,12 @@ def solve_dip(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[f
 
     holdout = _HoldoutStop(mask_t, settings.holdout_fraction, settings.holdout_rise, generator)
     fit_mask, n_fit = holdout.fit, float(holdout.fit.sum())
+    if magnitude32 is not None and settings.magnitude_weighting:
+        # the field's noise variance goes as 1 / magnitude^2: scale each residual by the magnitude, so the
+        # squared misfit is weighted by magnitude^2 (mean 1 over the fitted voxels), as MEDI's data term is
+        weight = torch.as_tensor(magnitude32[crop.box], dtype=torch.float32, device=torch_device)
+        weight = weight / torch.sqrt(torch.clamp((weight.square() * fit_mask).sum() / n_fit, min=1e-12))
+        fit_mask = fit_mask * weight
 
     history = []
     stop_reason = "completed"

@@ -221,7 +221,8 @@ def choose_alpha(problem: _TVProblem, settings: TVSettings, device: torch.device
     """Pick alpha by hold-out cross-validation down ``settings.alpha_grid`` (see the module docstring).
 
     Returns the choice and the ADMM state of the best candidate (a warm start for the final solve).
-    ``on_candidate(alpha, chi_box)`` sees each candidate's map (benchmarks score it; the rule does not).
+    ``on_candidate(alpha, chi_box)`` sees each candidate's map (benchmarks score it; the rule does not);
+    ``cancelled()`` is asked at every iteration (time limit, cancel) and ends the search with what it has.
     """
     generator = torch.Generator(device="cpu").manual_seed(int(settings.seed))
     pick = torch.rand(tuple(problem.mask_box.shape), generator=generator).to(device) < settings.holdout_fraction
@@ -240,6 +241,8 @@ def choose_alpha(problem: _TVProblem, settings: TVSettings, device: torch.device
 
         def until_converged(iteration: int, loss: float, chi_box: torch.Tensor, d_chi: torch.Tensor) -> Optional[str]:
             old, previous["chi"] = previous["chi"], chi_box
+            if cancelled is not None and cancelled():
+                return "stopped"
             if old is None:
                 return None
             change = float(torch.linalg.vector_norm(chi_box - old) / torch.clamp(torch.linalg.vector_norm(chi_box), min=1e-12))
