@@ -43,6 +43,8 @@ def test_reconstruct_and_evaluate(phantom_dir, tmp_path, method, capsys):
     assert code == 0
     text = capsys.readouterr().out
     assert "NRMSE" in text and method in text
+    # Tikhonov's weight is chosen from the data and said; TKD has none
+    assert ("lambda_" in text and "chosen from the data (gcv_mask)" in text) == (method == "tikhonov")
     qsm = qio.read_volume(str(out))
     field = qio.read_volume(f["field"])
     assert qsm.same_geometry(field)

@@ -271,6 +271,10 @@ def cmd_reconstruct(args) -> int:
         signal.signal(signal.SIGINT, previous)
     print(f"{args.method}: {result.stop_reason} after {result.iterations} iterations in "
           f"{result.elapsed_s:.1f} s on {result.device}; wrote {result.output_path}")
+    for name in ("alpha", "lambda_"):
+        rule = result.chosen.get(f"{name.rstrip('_')}_rule", "given")
+        if name in result.chosen and rule != "given":
+            print(f"{args.method}: {name} {result.chosen[name]:.4g} chosen from the data ({rule})")
     if result.metrics:
         print(format_metrics_table({args.method: result.metrics}))
     return 0

@@ -67,6 +67,7 @@ class RunResult:
     metrics: Optional[Dict[str, float]]
     warnings: List[str]
     device: str
+    chosen: Dict[str, Any] = field(default_factory=dict)  #: settings the solver chose from the data
 
 
 class RunListener:
@@ -183,7 +184,8 @@ def run_reconstruction(request: ReconstructionRequest, listener: Optional[RunLis
         qio.write_volume(request.output_path, result.chi_ppm, like=inputs.field_volume)
         output_path = request.output_path
     return RunResult(output_path, result.stop_reason, result.iterations, result.elapsed_s,
-                     metrics_of(result.chi_ppm), inputs.warnings, result.device or device_note)
+                     metrics_of(result.chi_ppm), inputs.warnings, result.device or device_note,
+                     dict(result.chosen))
 
 
 def request_from_dict(data: Dict[str, Any]) -> ReconstructionRequest:
