@@ -69,6 +69,8 @@ def test_default_preset_is_the_measured_hybrid():
     assert s == DIPSettings()
     assert (s.base, s.input, s.data_loss, s.regulariser) == ("tv", "noise", "l2", "none")
     assert (s.iterations, s.learning_rate, s.betas, s.width, s.depth) == (250, 1e-3, (0.9, 0.999), 16, 3)
+    # with a magnitude: a second input channel and a magnitude^2-weighted data term; the base's weight is chosen
+    assert (s.magnitude_input, s.magnitude_weighting, s.base_alpha) == (True, True, None)
     assert PRESETS["fast"] == dataclasses.replace(s, width=8)
 
 
@@ -274,3 +276,18 @@ def test_default_dip_improves_on_its_tv_start_and_beats_tkd():
     result = solve_dip(field, mask, VOXEL_MM, settings=settings, device="cpu")
     achieved = nrmse(result.chi_ppm, chi, mask)
     assert achieved < tv < tkd, f"DIP NRMSE {achieved:.1f}% vs TV {tv:.1f}% vs TKD {tkd:.1f}%"
+
+
+def test_magnitude_is_used_as_a_prior_only_when_asked(tiny_case):
+    """A magnitude changes the fit (input channel, weighted data term); switched off, it changes nothing."""
+    chi, mask, field = tiny_case
+    magnitude = np.where(mask, 1.0 + 0.5 * (chi > chi[mask].mean()), 0.0).astype(np.float32)
+    settings = dip_settings("default", width=4, depth=2, iterations=6, base_iterations=10, holdout_fraction=0.0)
+    plain = solve_dip(field, mask, VOXEL_MM, settings=settings, device="cpu")
+    with_mag = solve_dip(field, mask, VOXEL_MM, settings=settings, device="cpu", magnitude=magnitude)
+    off = dataclasses.replace(settings, magnitude_input=False, magnitude_weighting=False)
+    ignored = solve_dip(field, mask, VOXEL_MM, settings=off, device="cpu", magnitude=magnitude)
+    assert not np.array_equal(with_mag.chi_ppm, plain.chi_ppm)
+    np.testing.assert_array_equal(ignored.chi_ppm, plain.chi_ppm)
+    with pytest.raises(QSMInputError, match="negative"):
+        solve_dip(field, mask, VOXEL_MM, settings=settings, device="cpu", magnitude=-magnitude)
