@@ -122,6 +122,11 @@ def _gradient_adjoint(y: torch.Tensor, voxel_size_mm: Sequence[float]) -> torch.
     return sum((torch.roll(y[a], 1, dims=a) - y[a]) / h for a, h in enumerate(voxel_size_mm))
 
 
+def _relative_change(new: torch.Tensor, old: torch.Tensor) -> float:
+    """||new - old|| / ||new||: how much an iterate still moves (the convergence test of every solve here)."""
+    return float(torch.linalg.vector_norm(new - old) / torch.clamp(torch.linalg.vector_norm(new), min=1e-12))
+
+
 def _check_callback_every(callback_every: int) -> int:
     if int(callback_every) != callback_every or callback_every < 1:
         raise QSMInputError(f"callback_every must be a whole number >= 1, got {callback_every}")
@@ -164,11 +169,13 @@ class _TVProblem:
         return _State(z, torch.zeros_like(z), self.field_pad.clone(), torch.zeros_like(self.field_pad), mu1)
 
     def run(self, state: _State, alpha: float, mu1: float, mu2: float, iterations: int, weight: torch.Tensor,
-            on_iteration: Optional[Callable[[int, float, torch.Tensor, torch.Tensor], Optional[str]]] = None):
+            on_iteration: Optional[Callable[[int, float, torch.Tensor], Optional[str]]] = None,
+            track_loss: bool = True):
         """Run up to ``iterations`` ADMM steps from ``state`` (changed in place); ``weight`` is the data mask.
 
-        ``on_iteration(iteration, loss, chi_box, d_chi_pad)`` may return a stop reason. Returns
-        (iterations done, stop reason or None, chi on the box, D chi on the padded grid).
+        ``on_iteration(iteration, loss, chi_box)`` may return a stop reason; ``loss`` is NaN unless
+        ``track_loss`` (the objective costs a pass over the padded grid that the weight search does not
+        need). Returns (iterations done, stop reason or None, chi on the box, D chi on the padded grid).
         """
         if state.mu1 != mu1:  # scaled duals are duals / mu1: rescale when the penalty changes
             state.s.mul_(state.mu1 / mu1)
@@ -197,9 +204,11 @@ class _TVProblem:
             state.v = (weighted_field + mu2 * target) / (weight + mu2)
             state.u = target - state.v
             if on_iteration is not None:
-                tv_norm = torch.sum(torch.sqrt(torch.sum(grad ** 2, dim=0)))
-                loss = float(0.5 * torch.sum((weight * (d_chi - self.field_pad)) ** 2) + alpha * tv_norm)
-                reason = on_iteration(iteration, loss, chi[self.box] * self.mask_box, d_chi)
+                loss = math.nan
+                if track_loss:
+                    tv_norm = torch.sum(torch.sqrt(torch.sum(grad ** 2, dim=0)))
+                    loss = float(0.5 * torch.sum((weight * (d_chi - self.field_pad)) ** 2) + alpha * tv_norm)
+                reason = on_iteration(iteration, loss, chi[self.box] * self.mask_box)
                 if reason is not None:
                     break
         return iteration, reason, chi[self.box] * self.mask_box, d_chi
@@ -239,19 +248,18 @@ def choose_alpha(problem: _TVProblem, settings: TVSettings, device: torch.device
     for index, alpha in enumerate(grid):
         previous = {"chi": None}
 
-        def until_converged(iteration: int, loss: float, chi_box: torch.Tensor, d_chi: torch.Tensor) -> Optional[str]:
+        def until_converged(iteration: int, loss: float, chi_box: torch.Tensor) -> Optional[str]:
             old, previous["chi"] = previous["chi"], chi_box
             if cancelled is not None and cancelled():
                 return "stopped"
             if old is None:
                 return None
-            change = float(torch.linalg.vector_norm(chi_box - old) / torch.clamp(torch.linalg.vector_norm(chi_box), min=1e-12))
-            return "converged" if change < settings.tolerance else None
+            return "converged" if _relative_change(chi_box, old) < settings.tolerance else None
 
         # the first candidate starts cold; the others start from their larger neighbour's solution
         budget = int(settings.iterations) if index == 0 else int(settings.cv_iterations)
         _, _, chi_box, d_chi = problem.run(state, alpha, settings.gradient_penalty(alpha), float(settings.mu2),
-                                            budget, fit_weight, until_converged)
+                                            budget, fit_weight, until_converged, track_loss=False)
         score = float(torch.sum(held * (d_chi - problem.field_pad) ** 2) / n_held)
         scores.append(score)
         if on_candidate is not None:
@@ -328,10 +336,9 @@ def solve_tv(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[fl
         losses: List[float] = []
         last = {"chi": torch.zeros_like(problem.mask_box), "reason": "cancelled" if cancelled else None}
 
-        def on_iteration(iteration: int, loss: float, chi_box: torch.Tensor, d_chi: torch.Tensor) -> Optional[str]:
+        def on_iteration(iteration: int, loss: float, chi_box: torch.Tensor) -> Optional[str]:
             losses.append(loss)
-            change = float(torch.linalg.vector_norm(chi_box - last["chi"])
-                           / torch.clamp(torch.linalg.vector_norm(chi_box), min=1e-12))
+            change = _relative_change(chi_box, last["chi"])
             last["chi"] = chi_box
             reason = None
             if change < settings.tolerance:
