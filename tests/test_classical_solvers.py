@@ -7,7 +7,6 @@ metrics module.
 """
 import numpy as np
 import pytest
-import torch
 
 from qsmdip.errors import QSMInputError
 from qsmdip.operator import forward_field
@@ -50,13 +49,7 @@ def nrmse(x, ref, mask):
     return 100.0 * np.linalg.norm(x - r) / np.linalg.norm(r)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a busy machine OpenMP's waiting threads make these small solves ~30x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

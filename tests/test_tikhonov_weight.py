@@ -10,7 +10,6 @@ import logging
 
 import numpy as np
 import pytest
-import torch
 
 from qsmdip.errors import QSMInputError
 from qsmdip.metrics import nrmse
@@ -26,12 +25,7 @@ LAMBDA_FACTOR = 4.0
 SWEEP = np.logspace(-4, 0, 13)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
