@@ -197,6 +197,75 @@ def _overlay(chi: np.ndarray, r2s_extra: np.ndarray, labels_frac: Dict[str, np.n
     frac[sl] = np.maximum(frac[sl], w)
 
 
+@dataclass
+class Anatomy:
+    """The brain on the simulation grid (up to 2x finer than the voxels): what both the local-field
+    phantom and the full acquisition (``realistic_acquisition``) are built from.
+
+    ``chi`` is susceptibility relative to water (ppm), zero outside ``brain``; ``gm``, ``wm``, ``csf`` are
+    partial volumes; ``r2s_extra`` is the R2* (1/s at 3 T) the structures add; ``fractions`` the share of
+    each voxel taken by each named structure.
+    """
+
+    grid: "_FineGrid"
+    factors: Tuple[int, int, int]
+    chi: np.ndarray
+    brain: np.ndarray
+    gm: np.ndarray
+    wm: np.ndarray
+    csf: np.ndarray
+    r2s_extra: np.ndarray
+    fractions: Dict[str, np.ndarray]
+
+
+def build_anatomy(shape: Sequence[int], voxel_size_mm: Sequence[float], rng: np.random.Generator) -> Anatomy:
+    """Tissue, nuclei, veins, calcification and bleed on the simulation grid of a ``shape`` matrix of
+    ``voxel_size_mm`` voxels centred on the brain (:data:`BRAIN_CENTRE_MNI`); ``rng`` draws the texture."""
+    vs = check_voxel_size(voxel_size_mm)
+    shape3 = tuple(int(n) for n in shape)
+    factors = _supersampling(vs)
+    fine = _FineGrid([n * f for n, f in zip(shape3, factors)], [v / f for v, f in zip(vs, factors)],
+                     BRAIN_CENTRE_MNI)
+    t1, gm_map, wm_map, origin = load_mni_maps()
+    brain_t1, gm, wm = _sample_mni([(t1 > 0).astype(np.float32), gm_map, wm_map], origin, fine)
+    brain = brain_t1 > 0.5
+    brain = scipy.ndimage.binary_fill_holes(brain)
+    tissue = np.clip(gm + wm, 0.0, 1.0)
+    scale = np.where(gm + wm > 1.0, 1.0 / np.maximum(gm + wm, 1e-6), 1.0)
+    gm, wm = gm * scale * brain, wm * scale * brain
+    csf = np.clip(1.0 - tissue, 0.0, 1.0) * brain
+
+    texture = scipy.ndimage.gaussian_filter(rng.standard_normal(fine.shape).astype(np.float32),
+                                            [TEXTURE_MM / s for s in fine.spacing])
+    texture *= TEXTURE_PPM / max(float(np.abs(texture).max()), 1e-12)
+    chi = (gm * CHI_GM + wm * CHI_WM + csf * CHI_CSF + (gm + wm) * texture).astype(np.float64)
+    r2s_extra = np.zeros(fine.shape, dtype=np.float64)
+    fractions: Dict[str, np.ndarray] = {}
+
+    for name, (cx, cy, cz), semi, (direction, gradient) in _NUCLEI:
+        value = TISSUES[LABEL[name]][1]
+        for side in (1.0, -1.0):
+            centre = (side * cx, cy, cz)
+            sl, frac, (x, y, z) = fine.ellipsoid(centre, semi)
+            dx = np.asarray(direction, float) * np.array([side, 1.0, 1.0])
+            # position along the gradient axis, -1 .. 1 across the nucleus
+            t = ((x - centre[0]) * dx[0] / semi[0] + (y - centre[1]) * dx[1] / semi[1]
+                 + (z - centre[2]) * dx[2] / semi[2])
+            local = value * (1.0 + 0.5 * gradient * np.clip(t, -1.0, 1.0))
+            _overlay(chi, r2s_extra, fractions, name, sl, frac, local, brain)
+    for p0, p1, radius in _VEINS:
+        sl, frac = fine.tube(p0, p1, radius)
+        _overlay(chi, r2s_extra, fractions, "vein", sl, frac, CHI_VEIN, brain)
+    centre, radius, value = _CALCIFICATION
+    sl, frac, _ = fine.ellipsoid(centre, (radius,) * 3)
+    _overlay(chi, r2s_extra, fractions, "calcification", sl, frac, value, brain)
+    centre, semi, value = _HAEMORRHAGE
+    sl, frac, _ = fine.ellipsoid(centre, semi)
+    _overlay(chi, r2s_extra, fractions, "haemorrhage", sl, frac, value, brain)
+    chi *= brain
+    return Anatomy(fine, factors, chi, brain, gm, wm, csf, r2s_extra, fractions)
+
+
 def make_realistic_phantom(shape: Optional[Sequence[int]] = None,
                            voxel_size_mm: Sequence[float] = (2.0, 2.0, 2.0), *,
                            b0_dir: Sequence[float] = SUPERIOR, snr: Optional[float] = 100.0, seed: int = 0,
@@ -234,47 +303,10 @@ def make_realistic_phantom(shape: Optional[Sequence[int]] = None,
     if tes.size < 1 or not np.all(np.isfinite(tes)) or np.any(tes <= 0) or np.any(tes > 0.2):
         raise QSMInputError(f"echo times must be positive and in seconds (<= 0.2 s), got {tuple(tes)}")
 
-    factors = _supersampling(vs)
-    fine = _FineGrid([n * f for n, f in zip(shape3, factors)], [v / f for v, f in zip(vs, factors)],
-                     BRAIN_CENTRE_MNI)
-    t1, gm_map, wm_map, origin = load_mni_maps()
-    brain_t1, gm, wm = _sample_mni([(t1 > 0).astype(np.float32), gm_map, wm_map], origin, fine)
-    brain = brain_t1 > 0.5
-    brain = scipy.ndimage.binary_fill_holes(brain)
-    tissue = np.clip(gm + wm, 0.0, 1.0)
-    scale = np.where(gm + wm > 1.0, 1.0 / np.maximum(gm + wm, 1e-6), 1.0)
-    gm, wm = gm * scale * brain, wm * scale * brain
-    csf = np.clip(1.0 - tissue, 0.0, 1.0) * brain
-
     rng = np.random.default_rng(seed)
-    texture = scipy.ndimage.gaussian_filter(rng.standard_normal(fine.shape).astype(np.float32),
-                                            [TEXTURE_MM / s for s in fine.spacing])
-    texture *= TEXTURE_PPM / max(float(np.abs(texture).max()), 1e-12)
-    chi = (gm * CHI_GM + wm * CHI_WM + csf * CHI_CSF + (gm + wm) * texture).astype(np.float64)
-    r2s_extra = np.zeros(fine.shape, dtype=np.float64)
-    fractions: Dict[str, np.ndarray] = {}
-
-    for name, (cx, cy, cz), semi, (direction, gradient) in _NUCLEI:
-        value = TISSUES[LABEL[name]][1]
-        for side in (1.0, -1.0):
-            centre = (side * cx, cy, cz)
-            sl, frac, (x, y, z) = fine.ellipsoid(centre, semi)
-            dx = np.asarray(direction, float) * np.array([side, 1.0, 1.0])
-            # position along the gradient axis, -1 .. 1 across the nucleus
-            t = ((x - centre[0]) * dx[0] / semi[0] + (y - centre[1]) * dx[1] / semi[1]
-                 + (z - centre[2]) * dx[2] / semi[2])
-            local = value * (1.0 + 0.5 * gradient * np.clip(t, -1.0, 1.0))
-            _overlay(chi, r2s_extra, fractions, name, sl, frac, local, brain)
-    for p0, p1, radius in _VEINS:
-        sl, frac = fine.tube(p0, p1, radius)
-        _overlay(chi, r2s_extra, fractions, "vein", sl, frac, CHI_VEIN, brain)
-    centre, radius, value = _CALCIFICATION
-    sl, frac, _ = fine.ellipsoid(centre, (radius,) * 3)
-    _overlay(chi, r2s_extra, fractions, "calcification", sl, frac, value, brain)
-    centre, semi, value = _HAEMORRHAGE
-    sl, frac, _ = fine.ellipsoid(centre, semi)
-    _overlay(chi, r2s_extra, fractions, "haemorrhage", sl, frac, value, brain)
-    chi *= brain
+    anatomy = build_anatomy(shape3, vs, rng)
+    fine, factors, chi, brain = anatomy.grid, anatomy.factors, anatomy.chi, anatomy.brain
+    gm, wm, csf, r2s_extra, fractions = anatomy.gm, anatomy.wm, anatomy.csf, anatomy.r2s_extra, anatomy.fractions
 
     field_fine = forward_field(chi, fine.spacing, b0, pad_factor=pad_factor)
 
