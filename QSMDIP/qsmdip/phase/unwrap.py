@@ -19,7 +19,6 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import scipy.fft
-import scipy.ndimage
 import scipy.sparse
 import scipy.sparse.csgraph
 
