@@ -156,6 +156,10 @@ def test_like_copies_patient_and_study_into_a_new_series(tmp_path):
     assert ds.StudyInstanceUID == study and ds.AccessionNumber == "ACC42" and ds.StudyDescription == "Brain GRE"
     assert ds.FrameOfReferenceUID == frame and float(ds.MagneticFieldStrength) == 3
     assert ds.SeriesInstanceUID != source_series and int(ds.SeriesNumber) == 1007
+    # one file of the source series serves as well (Slicer knows the field's source instances)
+    one = export_qsm_dicom(qsm_volume(), tmp_path / "from-file", like_dicom_dir=tmp_path / "source" / "src0.dcm")
+    again = pydicom.dcmread(str(one[0]))
+    assert again.StudyInstanceUID == study and again.PatientID == "P123" and again.FrameOfReferenceUID == frame
 
 
 def test_like_refuses_a_folder_without_dicom_or_with_two_studies(tmp_path):
@@ -167,7 +171,7 @@ def test_like_refuses_a_folder_without_dicom_or_with_two_studies(tmp_path):
     write_source_series(tmp_path / "mixed" / "b", generate_uid())
     with pytest.raises(QSMInputError, match="2 studies"):
         export_qsm_dicom(qsm_volume(), tmp_path / "out2", like_dicom_dir=tmp_path / "mixed")
-    with pytest.raises(QSMInputError, match="not a folder"):
+    with pytest.raises(QSMInputError, match="neither a DICOM file nor a folder"):
         export_qsm_dicom(qsm_volume(), tmp_path / "out3", like_dicom_dir=tmp_path / "missing")
 
 

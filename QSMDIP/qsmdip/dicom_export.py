@@ -80,7 +80,8 @@ def export_qsm_dicom(qsm: Union[PathLike, Volume], out_dir: PathLike, *,
 
     ``out_dir`` must be empty or not yet exist (a second series in the same folder would confuse
     importers); one file per slice is written there. ``like_dicom_dir`` is the DICOM folder of the
-    acquisition the field came from: its patient, study and frame of reference are reused. Without it
+    acquisition the field came from, or one file of it: its patient, study and frame of reference
+    are reused. Without it
     a new study is made for ``patient_name`` / ``patient_id`` (empty by default). ``series_number``
     defaults to the like-series' number + 1000, or 1000 without it. Values beyond +-32.767 ppm are
     refused unless ``clip`` saturates them. Returns the written files in slice order.
@@ -173,13 +174,17 @@ def _prepare_out_dir(out_dir: Path) -> Path:
     return out_dir
 
 
-def _read_like(folder: Path) -> "Dataset":
-    """One header of the source series, after checking that the folder holds DICOM of one study."""
+def _read_like(source: Path) -> "Dataset":
+    """One header of the source series (a DICOM file, or a folder of one study's files)."""
     pydicom = _pydicom()
-    if not folder.is_dir():
-        raise QSMInputError(f"{folder} is not a folder of DICOM files (--like / like_dicom_dir)")
+    if source.is_file():
+        paths = [source]
+    elif source.is_dir():
+        paths = sorted(p for p in source.rglob("*") if p.is_file())
+    else:
+        raise QSMInputError(f"{source} is neither a DICOM file nor a folder of DICOM files (like_dicom_dir)")
     headers = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+    for path in paths:
         try:
             header = pydicom.dcmread(str(path), stop_before_pixels=True)
         except (pydicom.errors.InvalidDicomError, OSError, EOFError, ValueError):
@@ -187,11 +192,11 @@ def _read_like(folder: Path) -> "Dataset":
         if "StudyInstanceUID" in header and "SOPClassUID" in header:  # skips DICOMDIR and stray files
             headers.append(header)
     if not headers:
-        raise QSMInputError(f"no DICOM images found in {folder}")
+        raise QSMInputError(f"no DICOM images found in {source}")
     studies = {str(h.StudyInstanceUID) for h in headers}
     if len(studies) > 1:
-        raise QSMInputError(f"{folder} holds {len(studies)} studies: give the folder of the one series the"
-                            " field was computed from")
+        raise QSMInputError(f"{source} holds {len(studies)} studies: give the folder (or one file) of the series"
+                            " the field was computed from")
     like = headers[0]
     frames = {str(h.get("FrameOfReferenceUID", "")) for h in headers}
     if len(frames) != 1:  # several frames of reference: none of them can be claimed for the map
