@@ -270,6 +270,13 @@ def test_vsharp_refuses_a_mask_thinner_than_its_smallest_ball():
         remove_background_vsharp(np.zeros(mask.shape), mask, (2.0, 2.0, 2.0))
 
 
+def test_vsharp_refuses_a_ball_without_neighbours():
+    mask = np.ones((20, 20, 20), bool)
+    with pytest.raises(QSMInputError, match="below the finest voxel side"):
+        remove_background_vsharp(np.zeros(mask.shape), mask, (2.0, 2.0, 2.0),
+                                 settings=VSharpSettings(min_radius_mm=1.0))
+
+
 @pytest.mark.parametrize("make", [
     lambda: VSharpSettings(threshold=0.0), lambda: VSharpSettings(threshold=1.5),
     lambda: VSharpSettings(max_radius_mm=-1), lambda: VSharpSettings(min_radius_mm=20.0),

@@ -60,6 +60,11 @@ class VSharpSettings:
         radius_step_mm: spacing of the radii from the largest down; None: the coarsest voxel side.
         threshold: truncation of the deconvolution: frequencies where 1 - SMV_max(k) is below it are
             dropped (0.05, Wu et al. 2012); larger is more robust to noise and loses more low frequencies.
+            On the code-built head phantom (4 mm and 2 mm, with and without noise, exact or discrete
+            background fields) 0.15 to 0.2 gave a 10 to 20 points lower NRMSE than 0.05 (the inverse
+            amplifies the errors of the small kernels at the edge by up to 1 / threshold); on the
+            realistic 4 mm head with an exact sinus field 0.05 was better (35 against 39 %). So the
+            published value stays the default.
     """
 
     max_radius_mm: float = 12.0
@@ -229,6 +234,9 @@ def remove_background_vsharp(total_field_ppm: np.ndarray, mask: np.ndarray, voxe
     f, m, vs, _ = _check_inputs(total_field_ppm, mask, voxel_size_mm, weight)
     unit_vector(b0_dir)
     radii = _radii_mm(settings, vs)
+    if radii[-1] < min(vs):
+        raise QSMInputError(f"V-SHARP's smallest radius {radii[-1]:g} mm is below the finest voxel side "
+                            f"{min(vs):g} mm: its ball would hold no neighbour")
     box = _grown_box(m, (0, 0, 0))
     f_box, m_box = _extract(f, box), _extract(m, box)
     # Distance (mm) from each voxel to the nearest voxel outside the mask; the box's border counts as outside.
