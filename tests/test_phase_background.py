@@ -142,7 +142,7 @@ def test_result_shape_and_bookkeeping(head4):
         assert result.mask.dtype == bool and not np.any(result.mask & ~head4.mask)
         assert np.all(result.local_field_ppm[~result.mask] == 0.0)
         assert result.eroded_voxels == int(head4.mask.sum() - result.mask.sum())
-        assert result.notes and method.replace("vsharp", "V-SHARP").upper()[:3] in result.notes[0].upper()
+        assert result.notes[0].startswith({"vsharp": "V-SHARP:", "pdf": "PDF:"}[method])
 
 
 def _left_over(result: BackgroundResult, background: np.ndarray) -> float:
