@@ -1,13 +1,13 @@
 """QSMDIP: quantitative susceptibility mapping by Deep Image Prior, as a 3D Slicer module.
 
-Module, Widget, Logic and Test only. Every decision lives in the Qt-free ``QSMDIPLib`` package; the
-reconstruction itself runs in a separate worker process (``PythonSlicer -m qsmdip.worker``), so torch
-never runs inside Slicer's process and the GUI never freezes.
+Module, Widget, Logic and Test only. Every decision lives in the Qt-free ``QSMDIPLib`` package. Torch is
+never imported into Slicer's own process: the reconstruction (``PythonSlicer -m qsmdip.worker``), the
+PyTorch check, the PyTorch installation and the example phantom all run as separate processes of
+Slicer's Python, polled from a timer, so the panel never freezes while they work.
 """
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from typing import Annotated, Optional
@@ -16,7 +16,7 @@ import qt
 import slicer
 import vtk
 from slicer import vtkMRMLScalarVolumeNode
-from slicer.parameterNodeWrapper import Choice, Decimals, WithinRange, parameterNodeWrapper
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -25,28 +25,42 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from QSMDIPLib.compare import metric_table_rows, metrics_for_nodes, update_difference_node
+try:
+    from slicer.i18n import tr as _
+    from slicer.i18n import translate
+except ImportError:  # Slicer before 5.6 has no translation functions: keep the English texts
+    def _(text):
+        return text
+
+    def translate(context, text):
+        return text
+
+from QSMDIPLib.compare import compare_nodes, metric_table_rows, metrics_for_nodes
+from QSMDIPLib.dicom import dicom_source_file, export_node_dicom
+from QSMDIPLib.example import ExampleDataJob, load_example, panel_selection
 from QSMDIPLib.job import options_from_panel
 from QSMDIPLib.session import ReconstructionSession
-from QSMDIPLib.torch_check import check_torch
+from QSMDIPLib.torch_check import TorchProbe, torch_install_job
 
-TORCH_REQUIREMENT = ">=2.0"
+DOCUMENTATION_URL = "https://github.com/qsmdip/SlicerQSMDIP#readme"
 COMPARE_LAYOUT_ID = 50731  # arbitrary id for the custom side-by-side layout
 
 
 class QSMDIP(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = "QSM DIP"
-        self.parent.categories = ["Quantification"]
+        self.parent.title = _("QSM DIP")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Quantification")]
         self.parent.dependencies = []
         self.parent.contributors = ["QSMDIP developers"]
-        self.parent.helpText = (
+        self.parent.helpText = _(
             "Reconstruct a quantitative susceptibility map (ppm) from a local field map and a brain mask by"
             " Deep Image Prior, with TKD, Tikhonov and total variation as quick previews. An optional GRE"
             " magnitude on the field's grid serves DIP as an anatomical prior. The solver runs in"
-            " a background process; the output volume is updated live. Needs PyTorch (PyTorch extension).")
-        self.parent.acknowledgementText = "QSMDIP is BSD-3-Clause licensed open-source software."
+            " a background process; the output volume is updated live. 'Load example data' makes a small"
+            " head phantom to try it on; 'Export DICOM' writes the result for PACS. Needs PyTorch, which the"
+            " panel can install.<br>See the <a href=\"{url}\">documentation</a>.").format(url=DOCUMENTATION_URL)
+        self.parent.acknowledgementText = _("QSMDIP is BSD-3-Clause licensed open-source software.")
 
 
 @parameterNodeWrapper
@@ -57,11 +71,12 @@ class QSMDIPParameterNode:
     magnitudeVolume: vtkMRMLScalarVolumeNode
     outputVolume: vtkMRMLScalarVolumeNode
     fieldUnits: Annotated[str, Choice(["ppm", "Hz", "rad"])] = "ppm"
-    b0Tesla: Annotated[float, WithinRange(0.1, 21.0), Decimals(2)] = 3.0
-    echoTimeS: Annotated[float, WithinRange(0.0001, 1.0), Decimals(4)] = 0.02
+    # The spin boxes' decimals are set in the .ui (a Decimals annotation would only log "Unused annotations").
+    b0Tesla: Annotated[float, WithinRange(0.1, 21.0)] = 3.0
+    echoTimeS: Annotated[float, WithinRange(0.0001, 1.0)] = 0.02
     method: Annotated[str, Choice(["DIP", "TKD", "Tikhonov", "TV"])] = "DIP"
     iterations: Annotated[int, WithinRange(1, 100000)] = 250
-    learningRate: Annotated[float, WithinRange(0.000001, 1.0), Decimals(6)] = 0.001
+    learningRate: Annotated[float, WithinRange(0.000001, 1.0)] = 0.001
     width: Annotated[int, WithinRange(1, 256)] = 16
     updateInterval: Annotated[int, WithinRange(1, 10000)] = 10
     seed: Annotated[int, WithinRange(0, 2147483647)] = 0
@@ -76,6 +91,10 @@ class QSMDIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self.session = None
+        self._sessionReported = False
+        self.exampleJob = None
+        self.torchInstall = None
+        self._afterTorchCheck = None  # what to do once the running torch check has answered
         self.timer = None
 
     def setup(self) -> None:
@@ -95,13 +114,22 @@ class QSMDIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.clicked.connect(self.onApplyButton)
         self.ui.compareButton.clicked.connect(self.onCompareButton)
         self.ui.installTorchButton.clicked.connect(self.onInstallTorchButton)
+        self.ui.exampleButton.clicked.connect(self.onExampleButton)
+        self.ui.exportDicomButton.clicked.connect(self.onExportDicomButton)
         self.ui.installTorchButton.visible = False
         self._showMetrics(None)
         self.initializeParameterNode()
+        self.logic.startTorchCheck()  # in the background: the answer shows up in the panel when ready
+        self.timer.start()
 
     def cleanup(self) -> None:
         self.removeObservers()
         self._stopSession()
+        if self.exampleJob is not None:
+            self.exampleJob.cancel()
+        if self.torchInstall is not None:
+            self.torchInstall.cancel()
+        self.logic.stopTorchCheck()
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -114,6 +142,10 @@ class QSMDIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event) -> None:
         self._stopSession()
+        if self.exampleJob is not None:
+            self.exampleJob.cancel()
+            self.exampleJob = None
+        self.logic.differenceNode = None
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -151,52 +183,96 @@ class QSMDIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             widget.enabled = p.method == "DIP"  # the quick previews run with their own defaults
         for widget in (self.ui.inputsCollapsibleButton, self.ui.methodCollapsibleButton, self.ui.outputVolumeSelector):
             widget.enabled = not running
-        self.ui.applyButton.text = "Cancel" if running else "Apply"
+        self.ui.applyButton.text = _("Cancel") if running else _("Apply")
         self.ui.applyButton.enabled = running or bool(p.fieldVolume and p.maskVolume)
         self.ui.compareButton.enabled = bool(p.referenceVolume and p.outputVolume and p.maskVolume)
+        self.ui.exampleButton.enabled = not running and self.exampleJob is None
+        self.ui.exportDicomButton.enabled = not running and bool(p.outputVolume and p.outputVolume.GetImageData())
+
+    # -- timer: everything that runs in the background ---------------------------------------------
+    def onTimer(self) -> None:
+        busy = [self._pollTorchCheck(), self._pollTorchInstall(), self._pollExample(), self._pollSession()]
+        if not any(busy):
+            self.timer.stop()
+        self._updateEnabledWidgets()
+
+    def _startTimer(self) -> None:
+        if not self.timer.isActive():
+            self.timer.start()
+
+    def _pollTorchCheck(self) -> bool:
+        status = self.logic.torchStatus()
+        if status is None:
+            if self.logic.torchCheckRunning():
+                self.ui.torchStatusLabel.text = _("Checking PyTorch in Slicer's Python...")
+                return True
+            return False
+        self.ui.torchStatusLabel.text = status.message
+        self.ui.installTorchButton.visible = not status.available and self.torchInstall is None
+        action, self._afterTorchCheck = self._afterTorchCheck, None
+        if action is not None:
+            action()
+        return False
+
+    def _whenTorchReady(self, action) -> None:
+        """Run ``action`` now if PyTorch is ready, once the running check answers, or offer to install it."""
+        status = self.logic.torchStatus()
+        if status is None:
+            self._afterTorchCheck = lambda: self._whenTorchReady(action)
+            self.logic.startTorchCheck()
+            self.ui.statusLabel.text = _("Checking PyTorch first; this starts by itself when the check is done.")
+            self._startTimer()
+            return
+        if status.available:
+            action()
+            return
+        self.ui.installTorchButton.visible = self.torchInstall is None
+        if self.torchInstall is None and slicer.util.confirmOkCancelDisplay(
+                status.message + "\n\n" + _("Install PyTorch now? It is downloaded into Slicer's Python in the"
+                                            " background; this can take several minutes.")):
+            self._startTorchInstall()
 
     # -- run --------------------------------------------------------------------------------------
     def onApplyButton(self) -> None:
         if self._running():
             self.session.cancel()
-            self.ui.statusLabel.text = "Cancelling..."
+            self.ui.statusLabel.text = _("Cancelling...")
             return
-        with slicer.util.tryWithErrorDisplay("Failed to start the reconstruction.", waitCursor=True):
-            if not self._torchReady():
-                return
+        self._whenTorchReady(self._startReconstruction)
+
+    def _startReconstruction(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Failed to start the reconstruction."), waitCursor=True):
             self.session = self.logic.startReconstruction(self._parameterNode)
+            self._sessionReported = False
             self._parameterNode.outputVolume = self.session.output_node
             self._showMetrics(None)
-            self.timer.start()
-            self.onTimer()
+            self._startTimer()
+            self._pollSession()
 
-    def onTimer(self) -> None:
-        if self.session is None:
-            self.timer.stop()
-            return
+    def _pollSession(self) -> bool:
+        if self.session is None or self._sessionReported:
+            return False
         firstSnapshot = self.session.state.snapshots_loaded == 0
         state = self.session.poll()
         if firstSnapshot and state.snapshots_loaded > 0:
             slicer.util.setSliceViewerLayers(background=self.session.output_node, fit=True)
         self.ui.progressBar.value = state.progress_percent()
         self.ui.progressLabel.text = state.progress_text()
-        self.ui.statusLabel.text = "\n".join([state.message] + [f"Warning: {w}" for w in state.warnings])
+        warnings = [_("Warning: {warning}").format(warning=w) for w in state.warnings]
+        self.ui.statusLabel.text = "\n".join([state.message] + warnings)
         if state.metrics is not None:
             self._showMetrics(state.metrics)
-        if state.finished:
-            self.timer.stop()
-            self._updateEnabledWidgets()
-            if state.phase == "failed":
-                slicer.util.errorDisplay(f"Reconstruction failed ({state.error_kind}): {state.message}",
-                                         detailedText="\n".join(self.session.worker.log_tail(40)) if self.session.worker else "")
-        else:
-            self._updateEnabledWidgets()
+        self._sessionReported = state.finished
+        if state.finished and state.phase == "failed":
+            worker = self.session.worker
+            slicer.util.errorDisplay(
+                _("Reconstruction failed ({kind}): {message}").format(kind=state.error_kind, message=state.message),
+                detailedText="\n".join(worker.log_tail(40)) if worker else "")
+        return not state.finished
 
     def _stopSession(self) -> None:
-        if self.timer:
-            self.timer.stop()
         if self.session is not None:
-            self.session.close()
+            self.session.close()  # kills the worker tree at once; no waiting on the GUI thread
 
     def _showMetrics(self, metrics) -> None:
         rows = metric_table_rows(metrics)
@@ -207,29 +283,83 @@ class QSMDIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             table.setItem(row, 1, qt.QTableWidgetItem(value))
 
     # -- torch ------------------------------------------------------------------------------------
-    def _torchReady(self) -> bool:
-        status = self.logic.torchStatus()
-        self.ui.torchStatusLabel.text = status.message
-        self.ui.installTorchButton.visible = not status.available
-        if status.available:
+    def onInstallTorchButton(self) -> None:
+        if self.torchInstall is None and slicer.util.confirmOkCancelDisplay(
+                _("Install PyTorch into Slicer's Python? It is downloaded in the background (light-the-torch picks"
+                  " the CPU or CUDA build); this can take several minutes.")):
+            self._startTorchInstall()
+
+    def _startTorchInstall(self) -> None:
+        self.torchInstall = self.logic.startTorchInstall()
+        self.ui.installTorchButton.visible = False
+        self.ui.torchStatusLabel.text = _("Installing PyTorch...")
+        self._startTimer()
+
+    def _pollTorchInstall(self) -> bool:
+        if self.torchInstall is None:
+            return False
+        succeeded = self.torchInstall.poll()
+        if succeeded is None:
+            self.ui.torchStatusLabel.text = _("Installing PyTorch: {line}").format(line=self.torchInstall.last_line())
             return True
-        if slicer.util.confirmOkCancelDisplay(f"{status.message}\n\nInstall PyTorch now with the PyTorch extension?"):
-            self.onInstallTorchButton()
+        install, self.torchInstall = self.torchInstall, None
+        if succeeded:
+            self.logic.startTorchCheck(refresh=True)
+            return True
+        self.ui.installTorchButton.visible = True
+        self.ui.torchStatusLabel.text = _("PyTorch was not installed.")
+        slicer.util.errorDisplay(_("Failed to install PyTorch: {reason}").format(reason=install.message),
+                                 detailedText="\n".join(install.current.log_tail(40)) if install.current else "")
         return False
 
-    def onInstallTorchButton(self) -> None:
-        with slicer.util.tryWithErrorDisplay("Failed to install PyTorch.", waitCursor=True):
-            self.logic.installTorch()
-            status = self.logic.torchStatus(refresh=True)
-            self.ui.torchStatusLabel.text = status.message
-            self.ui.installTorchButton.visible = not status.available
+    # -- example ----------------------------------------------------------------------------------
+    def onExampleButton(self) -> None:
+        self._whenTorchReady(self._startExample)
 
-    # -- compare ----------------------------------------------------------------------------------
+    def _startExample(self) -> None:
+        self.exampleJob = self.logic.startExampleData()
+        self.ui.statusLabel.text = self.exampleJob.message
+        self._startTimer()
+
+    def _pollExample(self) -> bool:
+        job = self.exampleJob
+        if job is None:
+            return False
+        files = job.poll()
+        if not job.finished:
+            self.ui.statusLabel.text = job.message
+            return True
+        self.exampleJob = None
+        if files is None:
+            self.ui.statusLabel.text = job.message
+            slicer.util.errorDisplay(_("Could not make the example data: {reason}").format(reason=job.message))
+            return False
+        with slicer.util.tryWithErrorDisplay(_("Failed to load the example data."), waitCursor=True):
+            nodes = self.logic.loadExample(job)
+            for name, value in panel_selection(nodes).items():
+                setattr(self._parameterNode, name, value)
+            slicer.util.setSliceViewerLayers(background=nodes.field, fit=True)
+            self.ui.statusLabel.text = _("Example loaded ({kind} phantom). Press Apply to reconstruct it, then"
+                                         " 'Compare with gold standard'.").format(kind=files.kind)
+        return False
+
+    # -- compare and export -----------------------------------------------------------------------
     def onCompareButton(self) -> None:
         p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay("Failed to compare with the reference.", waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(_("Failed to compare with the reference."), waitCursor=True):
             metrics = self.logic.showComparison(p.outputVolume, p.referenceVolume, p.maskVolume)
             self._showMetrics(metrics)
+
+    def onExportDicomButton(self) -> None:
+        p = self._parameterNode
+        folder = qt.QFileDialog.getExistingDirectory(
+            slicer.util.mainWindow(), _("Folder in which to create the DICOM series"), qt.QDir.homePath())
+        if not folder:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to export the DICOM series."), waitCursor=True):
+            files = self.logic.exportDicom(p.outputVolume, p.fieldVolume, folder)
+            slicer.util.infoDisplay(_("Wrote {count} DICOM files to {folder}").format(
+                count=len(files), folder=os.path.dirname(files[0])))
 
 
 class QSMDIPLogic(ScriptedLoadableModuleLogic):
@@ -237,7 +367,8 @@ class QSMDIPLogic(ScriptedLoadableModuleLogic):
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        self._torchStatus = None
+        self._torchStatus = None  # cached, negative answers too, until a refresh is asked for
+        self._torchProbe = None
         self.differenceNode = None
 
     def getParameterNode(self):
@@ -258,19 +389,56 @@ class QSMDIPLogic(ScriptedLoadableModuleLogic):
     def workerEnvironment() -> dict:
         return slicer.util.startupEnvironment()
 
-    def torchStatus(self, refresh: bool = False):
-        if self._torchStatus is None or refresh or not self._torchStatus.available:
-            self._torchStatus = check_torch(self.pythonCommand(), self.moduleDir(), env=self.workerEnvironment())
+    # -- torch ------------------------------------------------------------------------------------
+    def startTorchCheck(self, refresh: bool = False) -> None:
+        """Ask in the background whether PyTorch is ready (nothing happens while a check runs or an answer
+        is cached, unless ``refresh``)."""
+        if refresh:
+            self.stopTorchCheck()
+            self._torchStatus = None
+        if self._torchStatus is None and self._torchProbe is None:
+            self._torchProbe = TorchProbe(self.pythonCommand(), self.moduleDir(), env=self.workerEnvironment()).start()
+
+    def stopTorchCheck(self) -> None:
+        if self._torchProbe is not None:
+            self._torchProbe.process.kill()
+            self._torchProbe = None
+
+    def torchCheckRunning(self) -> bool:
+        return self._torchProbe is not None
+
+    def torchStatus(self):
+        """The cached answer, or None while the check is running or has not been started (never blocks)."""
+        if self._torchStatus is None and self._torchProbe is not None:
+            self._torchStatus = self._torchProbe.poll()
+            if self._torchStatus is not None:
+                self._torchProbe = None
         return self._torchStatus
 
-    def installTorch(self) -> None:
-        """Install torch into Slicer's Python with the PyTorch extension's PyTorchUtils."""
+    def waitForTorchStatus(self, refresh: bool = False):
+        """Block until the answer is known (the self-test)."""
+        self.startTorchCheck(refresh=refresh)
+        if self._torchProbe is not None:
+            self._torchStatus = self._torchProbe.wait()
+            self._torchProbe = None
+        return self._torchStatus
+
+    def startTorchInstall(self):
+        """Install PyTorch into Slicer's Python in the background; poll the returned job."""
+        return torch_install_job(self.pythonCommand(), env=self.workerEnvironment())
+
+    # -- example, reconstruction, comparison, export ----------------------------------------------
+    def startExampleData(self) -> ExampleDataJob:
+        """Make the example phantom in the background (worker's Python); poll the returned job."""
+        return ExampleDataJob(self.pythonCommand(), self.moduleDir(), env=self.workerEnvironment(),
+                              temp_root=slicer.app.temporaryPath).start()
+
+    def loadExample(self, job: ExampleDataJob):
+        """Load a finished example job's volumes into the scene, then remove its temporary files."""
         try:
-            import PyTorchUtils
-        except ImportError as error:
-            raise RuntimeError("The PyTorch extension is not installed: install 'PyTorch' from the Extensions"
-                               " Manager, restart Slicer, and try again.") from error
-        PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True, torchVersionRequirement=TORCH_REQUIREMENT)
+            return load_example(slicer.mrmlScene, job.files)
+        finally:
+            job.cleanup()
 
     def startReconstruction(self, p: QSMDIPParameterNode) -> ReconstructionSession:
         """Start a reconstruction with the panel's settings; poll the returned session."""
@@ -287,7 +455,7 @@ class QSMDIPLogic(ScriptedLoadableModuleLogic):
 
     def showComparison(self, qsmNode, referenceNode, maskNode) -> dict:
         """Reconstruction | gold standard | difference side by side with linked slices; return the metrics."""
-        self.differenceNode = update_difference_node(slicer.mrmlScene, qsmNode, referenceNode, maskNode,
+        metrics, self.differenceNode = compare_nodes(slicer.mrmlScene, qsmNode, referenceNode, maskNode,
                                                      self.differenceNode)
         layoutManager = slicer.app.layoutManager()
         layoutNode = layoutManager.layoutLogic().GetLayoutNode()
@@ -303,7 +471,13 @@ class QSMDIPLogic(ScriptedLoadableModuleLogic):
             composite.SetLinkedControl(True)
             sliceLogic.GetSliceNode().SetOrientation("Axial")
             sliceLogic.FitSliceToAll()
-        return metrics_for_nodes(qsmNode, referenceNode, maskNode)
+        return metrics
+
+    def exportDicom(self, qsmNode, fieldNode, parentFolder: str) -> list:
+        """Write ``qsmNode`` as a new DICOM series in a new folder; the field's DICOM source gives patient/study."""
+        database = getattr(slicer, "dicomDatabase", None)
+        like = dicom_source_file(fieldNode, database.fileForInstance) if database is not None else None
+        return export_node_dicom(qsmNode, parentFolder, like=like)
 
 
 def _compareLayoutXml() -> str:
@@ -317,7 +491,7 @@ def _compareLayoutXml() -> str:
 
 
 class QSMDIPTest(ScriptedLoadableModuleTest):
-    """Inside Slicer: a small phantom, a short TKD and a short DIP through the logic, output and metrics checked."""
+    """Inside Slicer: the example phantom, a short TKD and a short DIP through the logic, output and metrics checked."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -326,54 +500,53 @@ class QSMDIPTest(ScriptedLoadableModuleTest):
         self.setUp()
         self.test_reconstructions()
 
-    def _loadPhantom(self, folder: str):
-        # The phantom is made by the library's command line in PythonSlicer, so torch stays out of this process.
-        logic = QSMDIPLogic()
-        command = [*logic.pythonCommand(), "-m", "qsmdip", "phantom", folder, "--voxel", "4", "--size", "24,28,24",
-                   "--format", "nrrd"]
-        env = dict(logic.workerEnvironment())
-        env["PYTHONPATH"] = os.pathsep.join([logic.moduleDir(), env.get("PYTHONPATH", "")])
-        subprocess.run(command, check=True, env=env, capture_output=True)
-        field = slicer.util.loadVolume(os.path.join(folder, "field.nrrd"))
-        mask = slicer.util.loadVolume(os.path.join(folder, "mask.nrrd"), {"labelmap": True})
-        reference = slicer.util.loadVolume(os.path.join(folder, "chi.nrrd"))
-        return field, mask, reference
-
     def test_reconstructions(self):
         self.delayDisplay("Starting the QSMDIP test")
         logic = QSMDIPLogic()
-        status = logic.torchStatus()
+        status = logic.waitForTorchStatus()
         if not status.available:
-            logic.installTorch()  # no confirmation dialog in testing mode
-            status = logic.torchStatus(refresh=True)
+            install = logic.startTorchInstall()
+            self.assertTrue(install.wait(3600), install.message)
+            status = logic.waitForTorchStatus(refresh=True)
         self.assertTrue(status.available, status.message)
-        with tempfile.TemporaryDirectory() as folder:
-            field, mask, reference = self._loadPhantom(folder)
+
+        job = logic.startExampleData()
+        self.assertIsNotNone(job.wait(600), job.message)  # the message carries the phantom command's error output
+        nodes = logic.loadExample(job)
+        field, mask, reference = nodes.field, nodes.mask, nodes.chi
         fieldBefore = slicer.util.arrayFromVolume(field).copy()
         p = logic.getParameterNode()
-        p.fieldVolume, p.maskVolume, p.referenceVolume = field, mask, reference
+        for name, value in panel_selection(nodes).items():
+            setattr(p, name, value)
         p.device, p.updateInterval = "CPU", 2
 
-        for method, iterations, maxNrmse in (("TKD", 1, 60.0), ("DIP", 6, 150.0)):
+        for method, iterations, maxNrmse in (("TKD", 1, 100.0), ("DIP", 6, 150.0)):
             p.method, p.iterations, p.width, p.outputVolume = method, iterations, 4, None
             session = logic.startReconstruction(p)
-            state = session.wait(timeout_s=300)
-            slicer.app.processEvents()
-            self.assertEqual(state.phase, "done", state.message)
-            output = session.output_node
-            self.assertEqual(output.GetName()[:len("field_QSM")], "field_QSM")
-            self.assertEqual(output.GetImageData().GetDimensions(), field.GetImageData().GetDimensions())
-            a, b = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
-            output.GetIJKToRASMatrix(a)
-            field.GetIJKToRASMatrix(b)
-            for r in range(4):
-                for c in range(4):
-                    self.assertAlmostEqual(a.GetElement(r, c), b.GetElement(r, c), places=4)
-            self.assertGreaterEqual(state.snapshots_loaded, 1)
-            self.assertIsNotNone(state.metrics)
-            metrics = metrics_for_nodes(output, reference, mask)
-            self.assertAlmostEqual(metrics["nrmse"], state.metrics["nrmse"], places=2)
-            self.assertLess(metrics["nrmse"], maxNrmse)
-            self.assertFalse(os.path.exists(session.job.work_dir))
+            try:
+                state = session.wait(timeout_s=600)
+                slicer.app.processEvents()
+                self.assertEqual(state.phase, "done", state.message)
+                output = session.output_node
+                self.assertTrue(output.GetName().startswith(field.GetName() + "_QSM"))
+                self.assertEqual(output.GetImageData().GetDimensions(), field.GetImageData().GetDimensions())
+                a, b = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+                output.GetIJKToRASMatrix(a)
+                field.GetIJKToRASMatrix(b)
+                for r in range(4):
+                    for c in range(4):
+                        self.assertAlmostEqual(a.GetElement(r, c), b.GetElement(r, c), places=4)
+                self.assertGreaterEqual(state.snapshots_loaded, 1)
+                self.assertIsNotNone(state.metrics)
+                metrics = metrics_for_nodes(output, reference, mask)
+                self.assertAlmostEqual(metrics["nrmse"], state.metrics["nrmse"], places=2)
+                self.assertLess(metrics["nrmse"], maxNrmse)
+                self.assertFalse(os.path.exists(session.job.work_dir))
+            finally:
+                session.close()  # never leave a worker running, whatever failed above
         self.assertTrue((slicer.util.arrayFromVolume(field) == fieldBefore).all())
+
+        with tempfile.TemporaryDirectory() as folder:
+            files = logic.exportDicom(output, field, folder)
+            self.assertEqual(len(files), field.GetImageData().GetDimensions()[2])
         self.delayDisplay("Test passed")

@@ -119,6 +119,92 @@ def test_parameter_node_fields_bind_to_widgets_the_wrapper_can_connect():
             assert float(widget_property(widget, "value") or 0) == pytest.approx(default), name
 
 
+def parameter_annotations() -> dict:
+    """field name -> names of the Annotated extras (Choice, WithinRange, ...) of QSMDIPParameterNode."""
+    cls = next(n for n in module_tree().body if isinstance(n, ast.ClassDef) and n.name == "QSMDIPParameterNode")
+    extras = {}
+    for item in cls.body:
+        if isinstance(item, ast.AnnAssign) and isinstance(item.annotation, ast.Subscript):
+            extras[item.target.id] = [getattr(e.func, "id", "") for e in item.annotation.slice.elts[1:]]
+    return extras
+
+
+def test_float_decimals_come_from_the_ui_not_from_annotations():
+    # A Decimals annotation on a field bound to a QDoubleSpinBox is only logged as "Unused annotations"
+    # by the parameter node wrapper at every start; the .ui sets the decimals instead.
+    assert all("Decimals" not in extras for extras in parameter_annotations().values())
+    floats = [name for name, (type_name, *_) in parameter_fields().items() if type_name == "float"]
+    bound = {widget_property(w, "SlicerParameterName"): w for w in ui_widgets().values()}
+    for name in floats:
+        decimals = widget_property(bound[name], "decimals")
+        assert decimals is not None, f"{name}: set the decimals in the .ui"
+        low = parameter_fields()[name][2][0]
+        assert round(low, int(decimals)) == low, f"{name}: {decimals} decimals cannot show the minimum {low}"
+
+
+def string_constants(node) -> list:
+    return [n for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str) and n.value.strip()]
+
+
+def test_user_visible_texts_are_translatable():
+    tree = module_tree()
+    imports = {(n.module, a.name, a.asname) for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+    assert ("slicer.i18n", "tr", "_") in imports and ("slicer.i18n", "translate", None) in imports
+    wrapped = {id(c) for call in ast.walk(tree) if isinstance(call, ast.Call)
+               and getattr(call.func, "id", "") in ("_", "translate") for c in string_constants(call)}
+    dialogs = ("errorDisplay", "infoDisplay", "confirmOkCancelDisplay", "tryWithErrorDisplay", "getExistingDirectory")
+    bare = []
+    for node in ast.walk(tree):
+        texts = []
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Attribute) and t.attr in ("text", "title", "helpText")
+                                                for t in node.targets):
+            texts = string_constants(node.value)
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", "") in dialogs:
+            texts = [c for arg in node.args for c in string_constants(arg)]
+        bare += [c.value for c in texts if id(c) not in wrapped]
+    assert bare == [], f"texts shown to the user without _(): {bare}"
+    module_class = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "QSMDIP")
+    help_text = next(n for n in ast.walk(module_class) if isinstance(n, ast.Assign)
+                     and getattr(n.targets[0], "attr", "") == "helpText")
+    assert '<a href="{url}">' in ast.unparse(help_text.value)
+
+
+def test_help_text_links_to_the_documentation_on_the_extension_homepage():
+    namespace = {}
+    for node in module_tree().body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "DOCUMENTATION_URL":
+            namespace["url"] = ast.literal_eval(node.value)
+    with open(os.path.join(ROOT, "CMakeLists.txt"), encoding="utf-8") as handle:
+        homepage = re.search(r'set\(EXTENSION_HOMEPAGE "([^"]+)"\)', handle.read()).group(1)
+    assert namespace["url"].startswith(homepage)
+
+
+def test_every_subprocess_from_the_slicer_side_hides_its_console_window():
+    # On Windows a child of a GUI program opens a console window unless told not to (CREATE_NO_WINDOW).
+    files = list(python_files(LOGIC_DIR)) + [MODULE_FILE]
+    calls = []
+    for path in files:
+        with open(path, encoding="utf-8") as handle:
+            tree = ast.parse(handle.read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                    getattr(node.func.value, "id", "") == "subprocess":
+                options = [k.value for k in node.keywords if k.arg is None]
+                uses = any(isinstance(o, ast.Call) and getattr(o.func, "id", "") == "popen_options" for o in options)
+                calls.append((os.path.basename(path), node.func.attr, uses))
+    assert calls and all(uses for _, _, uses in calls), calls
+
+
+def test_example_selection_names_parameter_node_fields():
+    sys.path.insert(0, MODULE_DIR)
+    from QSMDIPLib.example import ExampleNodes, panel_selection
+
+    selection = panel_selection(ExampleNodes(field=object(), mask=object(), chi=object()))
+    fields = parameter_fields()
+    assert set(selection) <= set(fields)
+    assert selection["fieldUnits"] in fields["fieldUnits"][1]
+
+
 def test_module_uses_only_declared_parameters_and_choices_the_logic_knows():
     from QSMDIPLib.job import DEVICES, METHODS, UNITS
 
@@ -328,8 +414,8 @@ def test_slicer_logic_never_imports_torch_or_qt():
 
 def test_slicer_process_stays_free_of_torch():
     # What the module imports in Slicer's own process (its logic and the metrics) must not load torch.
-    code = ("import sys; import QSMDIPLib.session, QSMDIPLib.compare, QSMDIPLib.torch_check, qsmdip.metrics, "
-            "qsmdip.errors; print('torch' in sys.modules)")
+    code = ("import sys; import QSMDIPLib.session, QSMDIPLib.compare, QSMDIPLib.torch_check, QSMDIPLib.example, "
+            "QSMDIPLib.dicom, qsmdip.dicom_export, qsmdip.metrics, qsmdip.errors; print('torch' in sys.modules)")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([MODULE_DIR, os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert result.stdout.strip() == "False"

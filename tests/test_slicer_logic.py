@@ -26,12 +26,17 @@ from qsmdip.metrics import all_metrics  # noqa: E402
 from qsmdip.phantom import make_head_phantom  # noqa: E402
 from qsmdip.worker import parse_job  # noqa: E402
 
-from QSMDIPLib.compare import metric_table_rows, metrics_for_nodes, update_difference_node  # noqa: E402
-from QSMDIPLib.job import JobOptions, options_from_panel, prepare_job  # noqa: E402
-from QSMDIPLib.process import WorkerProcess, describe_exit  # noqa: E402
+from QSMDIPLib.compare import compare_nodes, metric_table_rows, metrics_for_nodes, update_difference_node  # noqa: E402
+from QSMDIPLib.job import JobOptions, options_from_panel, prepare_job, worker_takes_snapshot_dir  # noqa: E402
+from QSMDIPLib.process import (  # noqa: E402
+    CREATE_NEW_PROCESS_GROUP, CREATE_NO_WINDOW, BackgroundProcess, CommandSequence, WorkerProcess, describe_exit,
+    popen_options,
+)
 from QSMDIPLib.session import ReconstructionSession  # noqa: E402
 from QSMDIPLib.streaming import DEFAULT_WINDOW_PPM  # noqa: E402
-from QSMDIPLib.torch_check import check_torch  # noqa: E402
+from QSMDIPLib.torch_check import (  # noqa: E402
+    TORCH_REQUIREMENT, TorchProbe, check_torch, meets_requirement, status_from_probe, torch_install_commands,
+)
 
 MODULE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "QSMDIP")
 SPACING = (4.0, 4.4, 4.8)
@@ -168,12 +173,13 @@ def test_job_files_keep_values_and_oblique_geometry_in_lps(scene, volumes, temp_
         with open(job.job_path) as handle:
             on_disk = json.load(handle)
         assert on_disk == job.job
-        assert set(on_disk) == {"protocol", "field", "mask", "reference", "magnitude", "output", "snapshot",
+        snapshot_key = "snapshot_dir" if worker_takes_snapshot_dir() else "snapshot"
+        assert set(on_disk) == {"protocol", "field", "mask", "reference", "magnitude", "output", snapshot_key,
                                 "snapshot_every", "method", "preset", "units", "b0_tesla", "te_s",
                                 "b0_direction_world", "device", "settings"}
         assert on_disk["magnitude"] is None   # optional, not given
         assert sorted(os.listdir(job.work_dir)) == ["field.nrrd", "job.json", "mask.nrrd", "reference.nrrd"]
-        assert all(os.path.isabs(on_disk[k]) for k in ("field", "mask", "reference", "output", "snapshot"))
+        assert all(os.path.isabs(on_disk[k]) for k in ("field", "mask", "reference", "output", snapshot_key))
         assert on_disk["b0_direction_world"] == [-1.0, 0.0, 0.0]   # RAS right = LPS -x
         request = parse_job(on_disk)   # the worker's own parser accepts the job
         assert request.field_path == job.job["field"] and request.reference_path == job.job["reference"]
@@ -422,22 +428,37 @@ def test_out_of_memory_is_reported_with_the_workers_message(scene, volumes, temp
     assert os.listdir(temp_root) == []
 
 
-@pytest.fixture(scope="module")
-def python_without_torch(tmp_path_factory):
-    """A real virtual environment with this one's packages (NumPy, SciPy, SimpleITK...) except torch."""
+def python_without(tmp_path_factory, prefixes):
+    """A real virtual environment with this one's packages except those whose names start with ``prefixes``."""
     import numpy
 
-    root = tmp_path_factory.mktemp("no-torch") / "venv"
+    root = tmp_path_factory.mktemp("without-" + prefixes[0]) / "venv"
     venv.EnvBuilder(with_pip=False, symlinks=os.name != "nt").create(root)
     python = str(root / ("Scripts/python.exe" if os.name == "nt" else "bin/python"))
     target = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                             capture_output=True, text=True, check=True).stdout.strip()
     source = os.path.dirname(os.path.dirname(numpy.__file__))
     for name in os.listdir(source):
-        if not name.lower().startswith(("torch", "functorch", "nvidia", "triton")):
+        if not name.lower().startswith(tuple(prefixes)):
             os.symlink(os.path.join(source, name), os.path.join(target, name))
+    return python
+
+
+@pytest.fixture(scope="module")
+def python_without_torch(tmp_path_factory):
+    """A real virtual environment with this one's packages (NumPy, SciPy, SimpleITK...) except torch."""
+    python = python_without(tmp_path_factory, ("torch", "functorch", "nvidia", "triton"))
     probe = subprocess.run([python, "-c", "import numpy, SimpleITK; import torch"], capture_output=True, text=True)
     assert "No module named 'torch'" in probe.stderr
+    return python
+
+
+@pytest.fixture(scope="module")
+def python_without_nilearn(tmp_path_factory):
+    """This environment less nilearn (the realistic phantom's tissue maps): torch and the rest are there."""
+    python = python_without(tmp_path_factory, ("nilearn",))
+    probe = subprocess.run([python, "-c", "import torch; import nilearn"], capture_output=True, text=True)
+    assert "No module named 'nilearn'" in probe.stderr
     return python
 
 
@@ -481,8 +502,7 @@ def test_worker_failure_while_writing_is_reported_and_cleaned_up(scene, volumes,
     worker.start()
     messages = worker.wait(60)
     job.cleanup()
-    assert [m["event"] for m in messages][0] == "started"
-    error = next(m for m in messages if m["event"] == "error")
+    error = next(m for m in messages if m["event"] == "error")   # before or after 'started', as the worker checks
     # the worker's own classification and words reach the caller unchanged
     assert (worker.exit.kind, worker.exit.message) == (error["kind"], error["message"])
     assert {"internal": 1, "input": 2}[worker.exit.kind] == worker.exit.returncode
@@ -539,3 +559,261 @@ def test_metrics_and_difference_volume_from_nodes(scene, volumes, phantom):
                          ijk_to_ras_matrix(origin=ORIGIN_RAS + 5.0))
     with pytest.raises(QSMInputError, match="not on the reference's voxel grid"):
         metrics_for_nodes(shifted, chi, mask)
+
+
+# -- comparison: checks first, never a stale difference node -------------------------------------------
+def test_compare_after_a_failed_run_refuses_the_empty_output_in_one_line(scene, volumes):
+    field, mask, chi = volumes
+    empty_output = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "field_QSM")  # a run that failed early
+    nodes_before = scene.GetNumberOfNodes()
+    with pytest.raises(QSMInputError, match="the reconstruction volume 'field_QSM' holds no image data"):
+        compare_nodes(scene, empty_output, chi, mask)
+    with pytest.raises(QSMInputError, match="no reference volume selected"):
+        compare_nodes(scene, field, None, mask)
+    assert scene.GetNumberOfNodes() == nodes_before   # no half-made difference node
+
+
+def test_difference_node_is_made_anew_after_deletion_or_scene_clear(scene, volumes, phantom):
+    field, mask, chi = volumes
+    qsm = add_volume(scene, "vtkMRMLScalarVolumeNode", "estimate", phantom.chi_ppm * 0.5)
+    metrics, difference = compare_nodes(scene, qsm, chi, mask)
+    assert metrics == pytest.approx(metrics_for_nodes(qsm, chi, mask))
+    assert compare_nodes(scene, qsm, chi, mask, difference)[1] is difference   # reused while it is in the scene
+
+    scene.RemoveNode(difference)                       # the user deleted it
+    _, remade = compare_nodes(scene, qsm, chi, mask, difference)
+    assert remade is not difference and scene.IsNodePresent(remade)
+
+    scene.Clear(0)                                     # a closed scene: IDs are handed out again
+    field = add_volume(scene, "vtkMRMLScalarVolumeNode", "field", phantom.field_ppm)
+    mask = add_volume(scene, "vtkMRMLLabelMapVolumeNode", "brain", phantom.mask.astype(np.uint8))
+    chi = add_volume(scene, "vtkMRMLScalarVolumeNode", "chi", phantom.chi_ppm)
+    qsm = add_volume(scene, "vtkMRMLScalarVolumeNode", "estimate", phantom.chi_ppm * 0.5)
+    _, after_clear = compare_nodes(scene, qsm, chi, mask, remade)
+    assert after_clear is not remade and scene.IsNodePresent(after_clear)
+    assert after_clear.GetName() == "estimate_minus_reference"
+
+
+# -- worker life cycle: numbered snapshots, closing without waiting ------------------------------------
+@pytest.mark.skipif(not worker_takes_snapshot_dir(), reason="the worker does not accept the 'snapshot_dir' job key yet")
+def test_numbered_snapshots_are_loaded_then_deleted(scene, volumes, temp_root):
+    options = JobOptions(method="dip", device="cpu", snapshot_every=1, settings={**TINY_DIP, "iterations": 4})
+    session = session_for(scene, volumes, options, temp_root)
+    session.start()
+    folder = session.job.snapshot_dir
+    assert folder.startswith(session.job.work_dir) and session.job.snapshot_path is None
+
+    def files():
+        """Each snapshot file with its identity, so a name the worker writes again counts as a new file."""
+        found = set()
+        for name in os.listdir(folder) if os.path.isdir(folder) else []:
+            try:
+                info = os.stat(os.path.join(folder, name))
+            except FileNotFoundError:
+                continue
+            found.add((name, info.st_ino, info.st_mtime_ns))
+        return found
+
+    history, leftovers = [], set()
+    deadline = time.monotonic() + 120
+    while not session.finished and time.monotonic() < deadline:
+        loaded = session.state.snapshots_loaded
+        state = session.poll()
+        if state.snapshots_loaded > loaded:
+            history.append(files())
+            if len(history) >= 3:   # a file announced before the last load but still there two loads later
+                leftovers |= history[-3] & history[-1]
+        time.sleep(0.02)
+    assert state.phase == "done" and state.snapshots_loaded >= 2, state.message
+    assert state.warnings == [] and leftovers == set()
+    assert os.listdir(temp_root) == []
+
+
+@POSIX_ONLY
+def test_closing_a_session_ends_the_worker_at_once(scene, volumes, temp_root):
+    launcher = ["/bin/sh", "-c", '"$@"; exit $?', "qsmdip-launcher", sys.executable]
+    options = JobOptions(method="dip", device="cpu", snapshot_every=1000, settings={**TINY_DIP, "iterations": 2000})
+    session = session_for(scene, volumes, options, temp_root, python_command=launcher)
+    session.start()
+    pgid = session.worker.pid
+    deadline = time.monotonic() + 120
+    while not session.state.device and time.monotonic() < deadline:
+        session.poll()
+        time.sleep(0.02)
+    assert len(group_members(pgid)) >= 2
+    closing = time.monotonic()
+    session.close()                                    # what a scene close does: no grace period
+    assert time.monotonic() - closing < 1.5
+    assert session.state.phase == "cancelled" and group_members(pgid) == []
+    assert os.listdir(temp_root) == []
+
+
+# -- background processes: no console window, sequences ---------------------------------------------------
+def test_subprocess_options_hide_console_windows_and_group_the_tree():
+    assert popen_options(windows=True) == {"creationflags": CREATE_NO_WINDOW | CREATE_NEW_PROCESS_GROUP}
+    assert popen_options(new_group=False, windows=True) == {"creationflags": CREATE_NO_WINDOW}
+    assert popen_options(windows=False) == {"start_new_session": True}
+    assert popen_options(new_group=False, windows=False) == {}
+    if os.name == "nt":   # the constants are the ones Windows defines
+        assert (CREATE_NO_WINDOW, CREATE_NEW_PROCESS_GROUP) == (subprocess.CREATE_NO_WINDOW,
+                                                                subprocess.CREATE_NEW_PROCESS_GROUP)
+
+
+def test_command_sequence_runs_in_order_and_stops_at_the_first_failure(tmp_path):
+    marker = tmp_path / "ran.txt"
+    ok = CommandSequence([[sys.executable, "-c", f"open({str(marker)!r}, 'a').write('1')"],
+                          [sys.executable, "-c", f"open({str(marker)!r}, 'a').write('2'); print('step two')"]])
+    assert ok.start().wait(60) is True and marker.read_text() == "12" and ok.last_line() == "step two"
+    failing = CommandSequence([[sys.executable, "-c", "import sys; sys.exit('no CUDA build for this driver')"],
+                               [sys.executable, "-c", f"open({str(marker)!r}, 'a').write('3')"]])
+    assert failing.start().wait(60) is False
+    assert "exit status 1" in failing.message and "no CUDA build for this driver" in failing.message
+    assert marker.read_text() == "12"                  # the second command never ran
+    missing = CommandSequence([[str(tmp_path / "no-such-python"), "-m", "pip"]]).start()
+    assert missing.poll() is False and "no-such-python" in missing.message
+
+
+# -- torch: version requirement, background check, install commands --------------------------------------
+def test_an_old_torch_does_not_count_as_available():
+    assert meets_requirement("2.13.0+cpu", ">=2.0") and meets_requirement("2.0", ">=2.0")
+    assert not meets_requirement("1.13.1+cu117", ">=2.0") and not meets_requirement("nightly", ">=2.0")
+    info = {"python": "3.9.10", "executable": "/slicer/python", "torch": "1.13.1+cu117", "cuda": True,
+            "gpu": "RTX", "cuda_version": "11.7"}
+    old = status_from_probe(info, TORCH_REQUIREMENT)
+    assert not old.available and old.torch_version == "1.13.1+cu117"
+    assert "1.13.1+cu117" in old.message and "too old" in old.message and TORCH_REQUIREMENT in old.message
+    recent = status_from_probe({**info, "torch": "2.4.1+cu121"}, TORCH_REQUIREMENT)
+    assert recent.available and "GPU RTX" in recent.message
+
+
+def test_torch_probe_answers_in_the_background_and_gives_up_after_its_timeout():
+    import torch
+
+    probe = TorchProbe([sys.executable], MODULE_DIR, env=WORKER_ENV).start()
+    assert probe.status is None                       # start() did not wait for the answer
+    status = probe.wait()
+    assert status.available and status.torch_version == torch.__version__
+    assert probe.poll() is status                      # the answer is kept
+
+    stuck = TorchProbe([sys.executable, "-c", "import time; time.sleep(60)"], timeout_s=1.0).start()
+    began = time.monotonic()
+    status = stuck.wait()
+    assert time.monotonic() - began < 10 and not status.available and "no answer within 1 s" in status.message
+    assert stuck.process.finished                      # the hung probe was killed
+
+
+def test_torch_is_installed_by_separate_processes_of_the_workers_python():
+    commands = torch_install_commands(["/opt/Slicer/bin/PythonSlicer"], ">=2.0")
+    assert commands == [["/opt/Slicer/bin/PythonSlicer", "-m", "pip", "install", "light-the-torch>=0.5"],
+                        ["/opt/Slicer/bin/PythonSlicer", "-m", "light_the_torch", "install", "torch>=2.0"]]
+
+
+# -- the one-click example ---------------------------------------------------------------------------------
+def test_example_data_is_made_in_the_background_loaded_and_selected(scene, temp_root):
+    from QSMDIPLib.example import EXAMPLE_NAMES, ExampleDataJob, load_example, panel_selection
+
+    job = ExampleDataJob([sys.executable], MODULE_DIR, env=WORKER_ENV, temp_root=temp_root).start()
+    assert job.files is None and not job.finished      # start() returned at once
+    files = job.wait(120)
+    assert files is not None, job.message
+    assert files.kind == "realistic" and files.magnitude is not None   # nilearn is installed here
+    nodes = load_example(scene, files)
+    try:
+        expected = {"field": (nodes.field, files.field), "mask": (nodes.mask, files.mask),
+                    "chi": (nodes.chi, files.chi), "magnitude": (nodes.magnitude, files.magnitude)}
+        for key, (node, path) in expected.items():
+            assert node.GetName() == EXAMPLE_NAMES[key] and scene.IsNodePresent(node)
+            on_disk = qio.read_volume(path)
+            np.testing.assert_allclose(node_ijk(node), on_disk.array, atol=1e-6)
+            lps_to_ras = np.diag([-1.0, -1.0, 1.0])
+            m = node_matrix(node)
+            np.testing.assert_allclose(m[:3, 3], lps_to_ras @ np.array(on_disk.origin), atol=1e-6)
+            np.testing.assert_allclose(m[:3, :3], lps_to_ras @ on_disk.direction @ np.diag(on_disk.spacing_mm),
+                                       atol=1e-6)
+            assert node.GetStorageNode() is None       # nothing points at the temporary files
+        assert nodes.mask.IsA("vtkMRMLLabelMapVolumeNode") and node_ijk(nodes.mask).dtype == np.uint8
+        assert set(np.unique(node_ijk(nodes.mask))) == {0, 1}
+        assert nodes.field.GetImageData().GetDimensions() == (42, 50, 43)   # 4 mm: small enough for a CPU
+        selection = panel_selection(nodes)
+        assert selection == {"fieldVolume": nodes.field, "maskVolume": nodes.mask, "referenceVolume": nodes.chi,
+                             "magnitudeVolume": nodes.magnitude, "outputVolume": None, "fieldUnits": "ppm"}
+        job.cleanup()
+        assert os.listdir(temp_root) == []
+        # and the panel's next step works on it: a quick TKD against the gold standard
+        session = ReconstructionSession(scene, nodes.field, nodes.mask, JobOptions(method="tkd", device="cpu"),
+                                        python_command=[sys.executable], module_dir=MODULE_DIR, env=WORKER_ENV,
+                                        reference_node=nodes.chi, magnitude_node=nodes.magnitude, temp_root=temp_root)
+        session.start()
+        state = session.wait(120)
+        assert state.phase == "done" and state.metrics["nrmse"] < 100, state.message
+    finally:
+        job.cleanup()
+
+
+def test_example_without_nilearn_is_the_simple_phantom(scene, temp_root, python_without_nilearn):
+    from QSMDIPLib.example import ExampleDataJob, load_example, panel_selection
+
+    job = ExampleDataJob([python_without_nilearn], MODULE_DIR, env=WORKER_ENV, temp_root=temp_root).start()
+    files = job.wait(120)
+    assert files is not None, job.message
+    assert files.kind == "simple" and files.magnitude is None
+    nodes = load_example(scene, files)
+    job.cleanup()
+    assert nodes.magnitude is None and panel_selection(nodes)["magnitudeVolume"] is None
+    assert np.any(node_ijk(nodes.chi)[node_ijk(nodes.mask) > 0] != 0)
+    assert os.listdir(temp_root) == []
+
+
+def test_example_failure_shows_the_phantom_commands_error_and_cleans_up(scene, temp_root, python_without_torch):
+    from QSMDIPLib.example import ExampleDataJob
+
+    nodes_before = scene.GetNumberOfNodes()
+    job = ExampleDataJob([python_without_torch], MODULE_DIR, env=WORKER_ENV, temp_root=temp_root).start()
+    assert job.wait(120) is None and job.failed
+    assert "phantom command failed" in job.message and "No module named 'torch'" in job.message
+    assert os.listdir(temp_root) == [] and scene.GetNumberOfNodes() == nodes_before
+
+
+# -- DICOM export of a node ----------------------------------------------------------------------------------
+def test_node_exports_as_a_dicom_series_on_its_own_grid(scene, volumes, phantom, temp_root, tmp_path):
+    pytest.importorskip("pydicom")
+    import SimpleITK as sitk
+
+    from QSMDIPLib.dicom import dicom_source_file, export_node_dicom, new_series_folder, volume_from_node
+
+    field, mask, chi = volumes
+    # the node's grid in LPS is exactly what Slicer's own writer puts into a file
+    job = prepare_job(field, mask, JobOptions(), reference_node=chi, temp_root=temp_root)
+    written = qio.read_volume(job.job["reference"])
+    job.cleanup()
+    volume = volume_from_node(chi)
+    assert volume.same_geometry(written, tol=1e-9) and np.array_equal(volume.array, written.array)
+
+    files = export_node_dicom(chi, str(tmp_path))
+    folder = tmp_path / "chi DICOM"
+    assert len(files) == SHAPE[2] and all(f.parent == folder for f in files)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder)))
+    image = reader.Execute()
+    back = sitk.GetArrayFromImage(image).transpose(2, 1, 0)
+    assert np.max(np.abs(back - phantom.chi_ppm)) <= 0.0005 + 1e-6
+    np.testing.assert_allclose(image.GetOrigin(), written.origin, atol=1e-5)
+    np.testing.assert_allclose(np.reshape(image.GetDirection(), (3, 3)), written.direction, atol=1e-6)
+    np.testing.assert_allclose(image.GetSpacing(), SPACING, atol=1e-6)
+    assert new_series_folder(str(tmp_path), "chi") == tmp_path / "chi DICOM 2"   # never into a used folder
+    assert new_series_folder(str(tmp_path), "a/b: c") == tmp_path / "a_b_ c DICOM"
+
+    # a field loaded from DICOM names its source instances; the export then joins that study
+    source = files[0]
+    field.SetAttribute("DICOM.instanceUIDs", "1.2.3 1.2.4")
+    lookup = {"1.2.3": "", "1.2.4": str(source)}
+    assert dicom_source_file(field, lookup.get) == str(source)
+    assert dicom_source_file(mask, lookup.get) is None
+    import pydicom
+
+    joined = export_node_dicom(chi, str(tmp_path), like=dicom_source_file(field, lookup.get))
+    first, new = pydicom.dcmread(str(source)), pydicom.dcmread(str(joined[0]))
+    assert new.StudyInstanceUID == first.StudyInstanceUID and new.SeriesInstanceUID != first.SeriesInstanceUID
+    empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "nothing yet")
+    with pytest.raises(QSMInputError, match="'nothing yet' holds no image data"):
+        export_node_dicom(empty, str(tmp_path))

@@ -23,15 +23,28 @@ METRIC_ROWS: Tuple[Tuple[str, str, str, bool], ...] = (
 )
 
 
-def metrics_for_nodes(qsm_node, reference_node, mask_node) -> Dict[str, float]:
-    """NRMSE, HFEN, SSIM, XSIM, PSNR and Pearson of ``qsm_node`` against ``reference_node`` in the mask."""
-    from qsmdip.metrics import all_metrics
-
+def check_comparison_nodes(qsm_node, reference_node, mask_node) -> None:
+    """Refuse, in one line, a missing or empty node (e.g. the output of a run that failed before its
+    first snapshot) or nodes on different grids, before anything is computed or created."""
     for node, role in ((qsm_node, "reconstruction"), (reference_node, "reference"), (mask_node, "mask")):
         check_volume_node(node, role)
     check_same_grid(reference_node, qsm_node, "reference", "reconstruction")
     check_same_grid(reference_node, mask_node, "reference", "mask")
+
+
+def metrics_for_nodes(qsm_node, reference_node, mask_node) -> Dict[str, float]:
+    """NRMSE, HFEN, SSIM, XSIM, PSNR and Pearson of ``qsm_node`` against ``reference_node`` in the mask."""
+    from qsmdip.metrics import all_metrics
+
+    check_comparison_nodes(qsm_node, reference_node, mask_node)
     return all_metrics(array_ijk(qsm_node), array_ijk(reference_node), array_ijk(mask_node) > 0)
+
+
+def compare_nodes(scene, qsm_node, reference_node, mask_node, difference_node=None):
+    """Metrics and the refreshed difference volume, after checking every node: ``(metrics, difference_node)``."""
+    check_comparison_nodes(qsm_node, reference_node, mask_node)
+    difference_node = update_difference_node(scene, qsm_node, reference_node, mask_node, difference_node)
+    return metrics_for_nodes(qsm_node, reference_node, mask_node), difference_node
 
 
 def metric_table_rows(metrics: Optional[Dict[str, float]]) -> List[Tuple[str, str]]:
@@ -58,11 +71,17 @@ def difference_kji(qsm_kji: np.ndarray, reference_kji: np.ndarray, mask_kji: np.
 
 
 def update_difference_node(scene, qsm_node, reference_node, mask_node, difference_node=None):
-    """Create or refresh the difference volume '<reconstruction>_minus_reference'; return it."""
+    """Create or refresh the difference volume '<reconstruction>_minus_reference'; return it.
+
+    ``difference_node`` is the one made last time. It is reused only while it is still in ``scene``:
+    after the user deleted it or the scene was closed, a Python reference to it is stale (and node IDs
+    are handed out again after a scene clear), so a new node is made instead.
+    """
     import slicer
 
-    check_same_grid(reference_node, qsm_node, "reference", "reconstruction")
-    check_same_grid(reference_node, mask_node, "reference", "mask")
+    check_comparison_nodes(qsm_node, reference_node, mask_node)
+    if difference_node is not None and not scene.IsNodePresent(difference_node):
+        difference_node = None
     if difference_node is None:
         name = scene.GenerateUniqueName(f"{qsm_node.GetName()}_minus_reference")
         difference_node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)

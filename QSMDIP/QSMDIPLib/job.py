@@ -85,8 +85,14 @@ class PreparedJob:
         return self.job["output"]
 
     @property
-    def snapshot_path(self) -> str:
-        return self.job["snapshot"]
+    def snapshot_path(self) -> Optional[str]:
+        """The one snapshot file the worker replaces (only with a worker that lacks numbered snapshots)."""
+        return self.job.get("snapshot")
+
+    @property
+    def snapshot_dir(self) -> Optional[str]:
+        """The folder of numbered snapshot files, each deleted by the session once loaded."""
+        return self.job.get("snapshot_dir")
 
     def cleanup(self) -> None:
         """Remove the temporary folder and everything in it (inputs, snapshots, output, job file)."""
@@ -150,6 +156,22 @@ def ras_to_lps(vector: Sequence[float]) -> list:
     return [-v[0], -v[1], v[2]]
 
 
+def worker_takes_snapshot_dir() -> bool:
+    """Whether the bundled worker accepts the job key 'snapshot_dir' (numbered snapshot files)."""
+    from qsmdip import worker
+
+    return "snapshot_dir" in getattr(worker, "_JOB_KEYS", {})
+
+
+def _snapshot_keys(work_dir: str) -> Dict[str, str]:
+    """Numbered snapshot files in their own folder, so the GUI never reads a file the worker is
+    replacing (on Windows the replace fails while ITK holds the file open). A worker without that key
+    gets the single replaced file it knows."""
+    if worker_takes_snapshot_dir():
+        return {"snapshot_dir": os.path.join(work_dir, "snapshots")}
+    return {"snapshot": os.path.join(work_dir, "snapshot.nrrd")}
+
+
 def prepare_job(field_node, mask_node, options: JobOptions, *, reference_node=None, magnitude_node=None,
                 output_node=None, temp_root: Optional[str] = None) -> PreparedJob:
     """Write the inputs into a new temporary folder and the job file next to them.
@@ -187,7 +209,7 @@ def prepare_job(field_node, mask_node, options: JobOptions, *, reference_node=No
             "reference": paths["reference"] if reference_node is not None else None,
             "magnitude": paths["magnitude"] if magnitude_node is not None else None,
             "output": os.path.join(work_dir, "qsm.nrrd"),
-            "snapshot": os.path.join(work_dir, "snapshot.nrrd"),
+            **_snapshot_keys(work_dir),
             "snapshot_every": int(options.snapshot_every),
             "method": options.method,
             "preset": options.preset,

@@ -6,12 +6,14 @@ session owns the temporary folder and removes it when the worker has ended, what
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence
 
 from qsmdip.errors import QSMInputError
 
+from .i18n import _
 from .job import JobOptions, PreparedJob, prepare_job
 from .process import WorkerProcess
 from .streaming import ensure_output_node, update_node_from_file
@@ -54,12 +56,12 @@ class SessionState:
         """E.g. 'iteration 40/300 | loss 0.0123 | 0:12 elapsed | 1:20 left'."""
         parts = []
         if self.max_iterations > 0:
-            parts.append(f"iteration {self.iteration}/{self.max_iterations}")
+            parts.append(_("iteration {iteration}/{total}").format(iteration=self.iteration, total=self.max_iterations))
         if self.loss is not None:
-            parts.append(f"loss {self.loss:.4g}")
-        parts.append(f"{_clock(self.elapsed_s)} elapsed")
+            parts.append(_("loss {loss}").format(loss=f"{self.loss:.4g}"))
+        parts.append(_("{clock} elapsed").format(clock=_clock(self.elapsed_s)))
         if self.remaining_s is not None and not self.finished:
-            parts.append(f"{_clock(self.remaining_s)} left")
+            parts.append(_("{clock} left").format(clock=_clock(self.remaining_s)))
         return " | ".join(parts)
 
 
@@ -104,6 +106,7 @@ class ReconstructionSession:
         self.state = SessionState()
         self._started_at = 0.0
         self._done_message: Optional[dict] = None
+        self._taken_names: set = set()
 
     @property
     def finished(self) -> bool:
@@ -130,21 +133,29 @@ class ReconstructionSession:
                                     grace_s=self.grace_s)
         self._started_at = time.monotonic()
         self.state = SessionState(phase="running", method=self.options.method,
-                                  message=f"starting the {self.options.method.upper()} worker")
+                                  message=_("starting the {method} worker").format(method=self.options.method.upper()))
         try:
             self.worker.start()
         except OSError as error:
             self.job.cleanup()
             self.state.phase, self.state.error_kind = "failed", "missing_dependency"
-            self.state.message = f"could not start {' '.join(self.python_command)}: {error}"
+            self.state.message = _("could not start {command}: {error}").format(
+                command=" ".join(self.python_command), error=error)
         return self.state
 
     def poll(self) -> SessionState:
         """Apply the worker's new messages (snapshots go into the output node); finish when it has ended."""
         if self.worker is None or self.state.finished:
             return self.state
+        announced: List[dict] = []
         for message in self.worker.poll():
             self._handle(message)
+            if message.get("event") == "snapshot" and message.get("path"):
+                announced.append(message)
+        if announced:  # only the newest snapshot of a batch is worth reading; the older ones just go
+            self._load_snapshot(announced[-1])
+            for message in announced[:-1]:
+                self._discard_snapshot(message["path"], keep=announced[-1]["path"])
         if not self.state.finished:
             self.state.elapsed_s = max(self.state.elapsed_s, time.monotonic() - self._started_at)
         if self.worker.finished:
@@ -163,13 +174,18 @@ class ReconstructionSession:
         if self.worker is not None and not self.state.finished:
             self.worker.cancel()
             self.state.phase = "cancelling"
-            self.state.message = "cancelling..."
+            self.state.message = _("cancelling...")
         return self.state
 
-    def close(self, timeout_s: float = 10.0) -> None:
-        """Cancel if still running and wait for the end, so no process or temporary file outlives the session."""
+    def close(self, timeout_s: float = 2.0) -> None:
+        """End the worker tree at once and remove the temporary folder (scene close, module cleanup).
+
+        Unlike :meth:`cancel` there is no grace period: nothing of the run is kept, so the worker is
+        killed and the GUI waits only for the kill to take effect (milliseconds; at most ``timeout_s``).
+        """
         if self.worker is not None and not self.state.finished:
-            self.cancel()
+            self.worker.kill()
+            self.state.phase = "cancelling"
             self.wait(timeout_s)
         if self.job is not None and not self.state.finished:
             self.job.cleanup()
@@ -184,7 +200,8 @@ class ReconstructionSession:
             state.max_iterations = int(message.get("max_iterations") or 0)
             state.warnings += [str(w) for w in message.get("warnings") or []]
             if state.phase == "running":
-                state.message = f"{state.method.upper()} running on {state.device}"
+                state.message = _("{method} running on {device}").format(method=state.method.upper(),
+                                                                        device=state.device)
         elif event == "progress":
             state.iteration = int(message.get("iteration") or 0)
             state.max_iterations = int(message.get("max_iterations") or state.max_iterations)
@@ -194,10 +211,6 @@ class ReconstructionSession:
         elif event == "snapshot":
             if message.get("metrics"):
                 state.metrics = dict(message["metrics"])
-            if message.get("path"):
-                self._load(message["path"])
-                state.snapshots_loaded += 1
-                state.snapshot_iteration = int(message.get("iteration") or 0)
         elif event == "done":
             self._done_message = message
             if message.get("metrics"):
@@ -208,6 +221,51 @@ class ReconstructionSession:
             update_node_from_file(path, self.output_node, self.field_node)
         except QSMInputError as error:
             self.state.warnings.append(str(error))
+
+    def _load_snapshot(self, message: dict) -> None:
+        """Load an announced snapshot into the output node.
+
+        A numbered snapshot is first moved to a name of its own, read there and deleted: the worker never
+        touches it again, the folder does not fill up, and a name the worker writes anew (iteration 0 can
+        repeat while DIP builds its starting estimate) is a new file, not the one being read. A snapshot
+        already taken under an earlier announcement of the same name is not read twice.
+        """
+        path = message["path"]
+        if not self._numbered(path):
+            self._load(path)
+        else:
+            name = os.path.basename(path)
+            taken = os.path.join(os.path.dirname(path), f"taken-{name}")
+            try:
+                os.replace(path, taken)
+            except FileNotFoundError:
+                if name not in self._taken_names:
+                    self.state.warnings.append(_("the snapshot {path} is missing").format(path=path))
+                return
+            self._taken_names.add(name)
+            try:
+                self._load(taken)
+            finally:
+                self._remove(taken)
+        self.state.snapshots_loaded += 1
+        self.state.snapshot_iteration = int(message.get("iteration") or 0)
+
+    def _discard_snapshot(self, path: str, keep: str) -> None:
+        """Delete an announced numbered snapshot that a newer one made unnecessary."""
+        if self._numbered(path) and os.path.basename(path) != os.path.basename(keep):
+            self._taken_names.add(os.path.basename(path))
+            self._remove(path)
+
+    def _numbered(self, path: str) -> bool:
+        folder = self.job.snapshot_dir if self.job is not None else None
+        return bool(folder) and os.path.dirname(os.path.abspath(path)) == os.path.abspath(folder)
+
+    @staticmethod
+    def _remove(path: str) -> None:
+        try:
+            os.remove(path)
+        except OSError:
+            pass  # already gone, or still open elsewhere (Windows): the folder goes with the job anyway
 
     def _finish(self) -> None:
         state = self.state
@@ -221,16 +279,18 @@ class ReconstructionSession:
                 stop = self._done_message.get("stop_reason") or "completed"
                 iterations = int(self._done_message.get("iterations") or 0)
                 state.elapsed_s = float(self._done_message.get("elapsed_s") or state.elapsed_s)
-                done_after = f" after {iterations} iterations" if iterations else ""
-                state.message = f"{state.method.upper()} {stop}{done_after} in {_clock(state.elapsed_s)} on {state.device}"
+                values = dict(method=state.method.upper(), stop=stop, iterations=iterations,
+                              clock=_clock(state.elapsed_s), device=state.device)
+                state.message = (_("{method} {stop} after {iterations} iterations in {clock} on {device}") if iterations
+                                 else _("{method} {stop} in {clock} on {device}")).format(**values)
             elif outcome.kind == "done":
                 state.phase, state.error_kind = "failed", "internal"
-                state.message = "the worker ended without reporting a result"
+                state.message = _("the worker ended without reporting a result")
             elif outcome.kind == "cancelled":
                 state.phase, state.error_kind = "cancelled", None
-                kept = (f"the output keeps the snapshot of iteration {state.snapshot_iteration}"
-                        if state.snapshots_loaded else "no snapshot had arrived")
-                state.message = f"cancelled; {kept}"
+                state.message = (_("cancelled; the output keeps the snapshot of iteration {iteration}").format(
+                    iteration=state.snapshot_iteration) if state.snapshots_loaded
+                    else _("cancelled; no snapshot had arrived"))
             else:
                 state.phase, state.error_kind = "failed", outcome.kind
                 state.message = outcome.message
