@@ -332,7 +332,8 @@ class QSMDIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.exampleJob = None
         if files is None:
             self.ui.statusLabel.text = job.message
-            slicer.util.errorDisplay(_("Could not make the example data: {reason}").format(reason=job.message))
+            slicer.util.errorDisplay(_("Could not make the example data: {reason}").format(reason=job.message),
+                                     detailedText="\n".join(job.process.log_tail(40)) if job.process else "")
             return False
         with slicer.util.tryWithErrorDisplay(_("Failed to load the example data."), waitCursor=True):
             nodes = self.logic.loadExample(job)

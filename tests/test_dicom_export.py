@@ -119,6 +119,15 @@ def test_left_handed_grid_reads_back_on_the_same_voxels_flipped_along_k(tmp_path
     np.testing.assert_allclose(np.reshape(image.GetDirection(), (3, 3)), expected, atol=1e-9)
 
 
+def save_dicom(ds, path):
+    """Save with preamble and meta header under pydicom 2 (Slicer 5.6 ships 2.x) or 3."""
+    if int(pydicom.__version__.split(".")[0]) >= 3:
+        ds.save_as(str(path), enforce_file_format=True)
+    else:
+        ds.is_little_endian, ds.is_implicit_VR = True, False
+        ds.save_as(str(path), write_like_original=False)
+
+
 def write_source_series(folder, study_uid, *, slices=2, patient=("Doe^Jane", "P123")):
     """A small MR series as a scanner would send it, the acquisition the field was computed from."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -142,7 +151,7 @@ def write_source_series(folder, study_uid, *, slices=2, patient=("Doe^Jane", "P1
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
         ds.PixelData = np.zeros((2, 2), "<u2").tobytes()
-        ds.save_as(str(folder / f"src{k}.dcm"), enforce_file_format=True)
+        save_dicom(ds, folder / f"src{k}.dcm")
     (folder / "notes.txt").write_text("not DICOM")  # stray files next to a series are common
     return series_uid, frame_uid
 
