@@ -132,9 +132,42 @@ def test_field_in_hz_declared_as_ppm_is_refused():
 
 def test_large_but_possible_field_warns():
     field = field_volume()
-    strong = volume_like(field, field.array * 60.0)  # p99 about 7 ppm
+    strong = volume_like(field, field.array * 20.0 + 3.0)  # spread about 3 ppm, and an offset
     _, _, warnings = prepare_inputs(strong, volume_like(field, ball_mask()), units="ppm")
     assert len(warnings) == 1 and "large for a local field" in warnings[0]
+
+
+def head_fields():
+    """The 4 mm head phantom's local field, and the same with a haemorrhage and the background field of the
+    head in air (unshimmed, 9.4 ppm between tissue and air) added: the most a field in ppm should hold."""
+    from scipy import ndimage
+
+    from qsmdip.operator import forward_field
+    from qsmdip.phantom import make_head_phantom
+
+    ph = make_head_phantom(None, (4.0, 4.0, 4.0))
+    i, j, k = np.indices(ph.mask.shape)
+    centre = np.argwhere(ph.mask).mean(axis=0) + (6, 0, 0)
+    bleed = (i - centre[0]) ** 2 + (j - centre[1]) ** 2 + (k - centre[2]) ** 2 <= 2.5 ** 2   # 10 mm radius
+    head = ndimage.binary_dilation(ph.mask, iterations=3)   # tissue around the brain; air outside the head
+    extra = forward_field(np.where(bleed, 1.5, 0.0) + np.where(head, 9.4, 0.0), ph.voxel_size_mm, ph.b0_dir)
+    total = np.where(ph.mask, ph.field_ppm + extra, 0.0)
+    return ph, total
+
+
+def test_realistic_ppm_fields_are_accepted_and_hz_refused():
+    ph, total = head_fields()
+    grid = Volume(ph.field_ppm, ph.voxel_size_mm)
+    mask = volume_like(grid, ph.mask.astype(np.uint8))
+    assert prepare_inputs(grid, mask, units="ppm")[2] == []                       # a local field
+    _, _, warnings = prepare_inputs(volume_like(grid, total), mask, units="ppm")  # haemorrhage + background
+    assert len(warnings) == 1 and "large for a local field" in warnings[0]
+    for b0 in (1.5, 3.0):   # the local field in Hz, declared as ppm
+        hz = volume_like(grid, ph.field_ppm * GAMMA_BAR_MHZ_PER_T * b0)
+        with pytest.raises(QSMInputError, match="implausible for a local field in ppm.*--units hz --b0"):
+            prepare_inputs(hz, mask, units="ppm")
+        converted, _, warnings = prepare_inputs(hz, mask, units="hz", b0_tesla=b0)
+        assert warnings == [] and np.allclose(converted, ph.field_ppm, atol=1e-6)
 
 
 def test_all_zero_field_is_refused():

@@ -16,6 +16,7 @@ from typing import List, Optional, Sequence
 from .errors import MissingDependencyError, QSMInputError, is_out_of_memory
 
 EXIT_INPUT = 2
+EXIT_INTERRUPTED = 130  #: 128 + SIGINT, what shells report for a command stopped by Ctrl-C
 log = logging.getLogger("qsmdip")
 
 
@@ -114,8 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--every", type=int, default=10, metavar="K", help="snapshot / progress interval (default 10)")
     rc.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, mps")
     rc.add_argument("--iterations", type=int, default=None, help="iterations (iterative methods)")
-    rc.add_argument("--seed", type=int, default=None, help="random seed (dip)")
-    rc.add_argument("--max-seconds", type=float, default=None, help="wall-time limit in seconds (iterative methods)")
+    rc.add_argument("--seed", type=int, default=None,
+                    help="random seed (dip: network weights and noise input; tv: the voxels held out to choose alpha)")
+    rc.add_argument("--max-seconds", type=float, default=None,
+                    help="wall-time limit in seconds (iterative methods); checked after each iteration, so a run "
+                         "can end up to one iteration (for DIP on a CPU, seconds) past it")
     rc.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                     help="override any setting of the method, e.g. --set learning_rate=0.002 (repeatable)")
     rc.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -125,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--qsm", required=True, help="QSM to score (ppm)")
     ev.add_argument("--reference", required=True, help="reference susceptibility (ppm)")
     ev.add_argument("--mask", required=True, help="mask (non-zero inside)")
-    ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ev.add_argument("--json", action="store_true",
+                    help="print JSON instead of a table (strict JSON: an infinite PSNR, for identical maps, is null)")
 
     dm = sub.add_parser("demo", help="phantom -> TKD and DIP -> metrics table and a PNG of middle slices",
                         description="Make a head phantom, reconstruct it with TKD and DIP, print the metrics "
@@ -161,6 +166,7 @@ def cmd_phantom(args) -> int:
     from .phantom import make_head_phantom
     from .units import ppm_to_unit
 
+    _check_output_folder(args.outdir, f"field.{args.format}")
     angle = math.radians(args.oblique)
     c, s = math.cos(angle), math.sin(angle)
     direction = np.array([[1, 0, 0], [0, c, -s], [0, s, c]], dtype=float)
@@ -179,7 +185,6 @@ def cmd_phantom(args) -> int:
     else:
         phantom = make_head_phantom(args.size, args.voxel, b0_dir=b0_dir, snr=args.snr, seed=args.seed)
     field = ppm_to_unit(phantom.field_ppm, args.units, args.b0, args.te)
-    os.makedirs(args.outdir, exist_ok=True)
     geometry = dict(spacing_mm=args.voxel, origin=(0.0, 0.0, 0.0), direction=direction)
     written = []
     outputs = [("field", field), ("mask", phantom.mask.astype(np.float32)),
@@ -197,6 +202,15 @@ def cmd_phantom(args) -> int:
     return 0
 
 
+def _check_output_folder(folder: str, example_name: str) -> None:
+    """Refuse an output folder that is a file or cannot take new files, before any work is done."""
+    from . import io as qio
+
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise QSMInputError(f"{folder} is a file, not a folder: give a folder to write into")
+    qio.check_output_path(os.path.join(folder, example_name))
+
+
 class ProgressBar:
     """tqdm progress bar fed by the runner's listener hooks."""
 
@@ -209,6 +223,8 @@ class ProgressBar:
         for warning in info.warnings:
             print(f"warning: {warning}", file=sys.stderr)
         print(f"{info.method}: {info.device}", file=sys.stderr)
+        b0 = ", ".join(f"{float(v):.3f}" for v in info.b0_dir_voxel)
+        print(f"{info.method}: B0 direction in the voxel frame (i, j, k): ({b0})", file=sys.stderr)
         if self.enabled and info.max_iterations > 0:
             from tqdm import tqdm
             self.bar = tqdm(total=info.max_iterations, unit="it", file=sys.stderr, dynamic_ncols=True)
@@ -238,37 +254,28 @@ def cmd_reconstruct(args) -> int:
         for flag in ("iterations", "seed", "max_seconds"):
             if flag in overrides:
                 raise QSMInputError(f"--{flag.replace('_', '-')} does not apply to the closed-form method {args.method}")
-    if args.method == "tv":
-        overrides.pop("seed", None)
-    if args.snapshots:
-        os.makedirs(args.snapshots, exist_ok=True)
     request = ReconstructionRequest(
         field_path=args.field, mask_path=args.mask, output_path=args.out, method=args.method, preset=args.preset,
         units=args.units, b0_tesla=args.b0, te_s=args.te, b0_direction_world=args.b0_direction,
         reference_path=args.reference, magnitude_path=args.magnitude, snapshot_dir=args.snapshots,
         snapshot_every=args.every, device=args.device, settings=overrides)
     bar = ProgressBar(enabled=not args.no_progress)
-    interrupted = {"flag": False}
 
     class Listener(RunListener):
         started = staticmethod(bar.started)
         progress = staticmethod(bar.progress)
 
-        def cancel_requested(self):
-            return interrupted["flag"]
-
-    import signal
-
-    def on_interrupt(signum, frame):  # first Ctrl-C: stop cleanly and keep the estimate
-        interrupted["flag"] = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    previous = signal.signal(signal.SIGINT, on_interrupt)
+    # Ctrl-C stops at once (KeyboardInterrupt, exit status 130 in main) and leaves no file at --out, so a
+    # script cannot mistake an interrupted run for a finished one; complete snapshots are kept.
+    before = _file_identity(args.out)
     try:
         result = run_reconstruction(request, Listener())
+    except KeyboardInterrupt:
+        if _file_identity(args.out) not in (None, before):  # interrupted just after the output appeared
+            os.remove(args.out)
+        raise
     finally:
         bar.close()
-        signal.signal(signal.SIGINT, previous)
     print(f"{args.method}: {result.stop_reason} after {result.iterations} iterations in "
           f"{result.elapsed_s:.1f} s on {result.device}; wrote {result.output_path}")
     for name in ("alpha", "lambda_"):
@@ -278,6 +285,15 @@ def cmd_reconstruct(args) -> int:
     if result.metrics:
         print(format_metrics_table({args.method: result.metrics}))
     return 0
+
+
+def _file_identity(path: str) -> Optional[tuple]:
+    """(inode, device, modification time) of an existing file, None if there is none."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return (info.st_ino, info.st_dev, info.st_mtime_ns)
 
 
 def format_metrics_table(rows: dict, seconds: Optional[dict] = None) -> str:
@@ -307,8 +323,9 @@ def cmd_evaluate(args) -> int:
     for warning in warnings + ref_warnings:
         print(f"warning: {warning}", file=sys.stderr)
     metrics = all_metrics(qsm.array, reference, mask_bool)
-    if args.json:
-        print(json.dumps(metrics, indent=2))
+    if args.json:  # strict JSON: an infinite PSNR (identical maps) is null
+        finite = {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}
+        print(json.dumps(finite, indent=2, allow_nan=False))
     else:
         print(format_metrics_table({os.path.basename(args.qsm): metrics}))
     return 0
@@ -317,6 +334,7 @@ def cmd_evaluate(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
+    _check_output_folder(args.outdir, "chi.nii.gz")
     run_demo(args.outdir, voxel_size_mm=args.voxel, dip_iterations=args.iterations, device=args.device,
              seed=args.seed, kind=args.kind, report=print)
     return 0
@@ -339,7 +357,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return EXIT_INPUT
     except KeyboardInterrupt:
         print(f"qsmdip {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except (MemoryError, RuntimeError) as error:
         if not is_out_of_memory(error):
             raise

@@ -7,11 +7,18 @@ the field in any viewer. World coordinates are ITK's LPS (millimetres).
 
 A :class:`Volume` is always 3D, so a 4D field or mask keeps being refused; the one input that may come
 with several echoes, the GRE magnitude, is read by :func:`read_echoes` into an :class:`EchoSeries`.
+
+Only formats whose readers keep NaN and Inf and notice truncated files are read: NIfTI (voxel data read
+with nibabel, because ITK's NIfTI reader turns NaN and Inf into 0 and pads a truncated file with zeros;
+the geometry still comes from ITK, as everywhere else), NRRD and MetaImage (read by SimpleITK). Every
+map is written to a hidden temporary file and renamed, and a map holding NaN or Inf is never written.
 """
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Tuple, Union
@@ -26,6 +33,11 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 #: Single-file formats we write (a detached header such as .nhdr or .mhd could not be renamed atomically).
 WRITE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+#: NIfTI (and its .hdr/.img pair): header through ITK, voxel data through nibabel (see the module docstring).
+NIFTI_SUFFIXES = (".nii.gz", ".nii", ".hdr", ".img")
+#: Formats whose ITK readers refuse truncated data and keep NaN/Inf (checked in tests/test_io.py).
+ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+READ_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
 
 
 @dataclass(eq=False)
@@ -128,30 +140,33 @@ class EchoSeries:
 
 
 def read_volume(path: PathLike) -> Volume:
-    """Read one 3D scalar image (NIfTI, NRRD or anything else SimpleITK reads) as a :class:`Volume`.
+    """Read one 3D scalar image (NIfTI, NRRD or MetaImage) as a :class:`Volume`.
 
-    The array keeps the file's pixel type (a label map stays integer); :mod:`qsmdip.validation` turns
-    it into a float field or a boolean mask.
+    The array keeps the file's pixel type (a label map stays integer) and its NaN and Inf values;
+    :mod:`qsmdip.validation` turns it into a float field or a boolean mask and decides about them.
 
     A 4D image whose fourth dimension has size 1 is accepted and squeezed to 3D (some tools save a
-    single frame that way). 2D images, 4D series, vector and complex images are refused with a
-    one-line message naming the file, because QSM needs exactly one real 3D field map.
+    single frame that way). 2D images, 4D series, vector and complex images, truncated files and other
+    formats are refused with a one-line message naming the file, because QSM needs exactly one real 3D
+    field map.
     """
     path = Path(path)
-    image = _open_image(path, "a real local field map")
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise QSMInputError(f"{path} has {image.GetNumberOfComponentsPerPixel()} components per voxel:"
+    image = _ImageFile.open(path, "a real local field map")
+    if image.components != 1:
+        raise QSMInputError(f"{path} has {image.components} components per voxel:"
                             " QSMDIP expects a scalar 3D field map")
-    size = image.GetSize()
-    if image.GetDimension() == 4 and size[3] == 1:
-        return _squeeze_4d(image, path)
-    if image.GetDimension() == 4:
+    size = image.size
+    if image.dimension == 4 and size[3] == 1:
+        array = image.pixels()[0]  # [t, k, j, i] -> [k, j, i]
+        return _volume(np.ascontiguousarray(array.transpose(2, 1, 0)), image.spacing[:3], image.origin[:3],
+                       np.array(image.direction).reshape(4, 4)[:3, :3], path)
+    if image.dimension == 4:
         raise QSMInputError(f"{path} is 4D (shape {size}): QSMDIP expects one 3D local field map;"
                             " pick one echo/frame")
-    if image.GetDimension() != 3:
-        raise QSMInputError(f"{path} is {image.GetDimension()}D (shape {size}): QSMDIP expects a 3D volume")
-    array = np.ascontiguousarray(sitk.GetArrayFromImage(image).transpose(2, 1, 0))
-    return _volume(array, image.GetSpacing(), image.GetOrigin(), image.GetDirection(), path)
+    if image.dimension != 3:
+        raise QSMInputError(f"{path} is {image.dimension}D (shape {size}): QSMDIP expects a 3D volume")
+    array = np.ascontiguousarray(image.pixels().transpose(2, 1, 0))
+    return _volume(array, image.spacing, image.origin, image.direction, path)
 
 
 def read_echoes(path: PathLike) -> EchoSeries:
@@ -161,24 +176,23 @@ def read_echoes(path: PathLike) -> EchoSeries:
     image is a series of one echo. The grid is the first three axes' (spacing, origin, direction). A
     NRRD whose echo axis is a non-spatial ("list") axis reads as several components per voxel; in a
     NRRD those are taken as the echoes too. Elsewhere components mean something else (a complex image
-    saved as MetaImage reads as two), so they are refused, as are missing, unreadable, complex, 2D and
-    5D files.
+    saved as MetaImage reads as two), so they are refused, as are missing, unreadable, truncated,
+    complex, 2D and 5D files.
     """
     path = Path(path)
-    image = _open_image(path, "a real magnitude image")
-    size, dimension = image.GetSize(), image.GetDimension()
-    components = image.GetNumberOfComponentsPerPixel()
+    image = _ImageFile.open(path, "a real magnitude image")
+    size, dimension, components = image.size, image.dimension, image.components
     if components != 1 and not path.name.lower().endswith((".nrrd", ".nhdr")):
         raise QSMInputError(f"{path} has {components} components per voxel: give the magnitude as a 3D image,"
                             " or a 4D one with echoes on the fourth axis")
     if dimension == 4 and components == 1:
-        array = sitk.GetArrayFromImage(image).transpose(3, 2, 1, 0)  # [echo, k, j, i] -> [i, j, k, echo]
-        spacing, origin = image.GetSpacing()[:3], image.GetOrigin()[:3]
-        direction = np.array(image.GetDirection()).reshape(4, 4)[:3, :3]
+        array = image.pixels().transpose(3, 2, 1, 0)  # [echo, k, j, i] -> [i, j, k, echo]
+        spacing, origin = image.spacing[:3], image.origin[:3]
+        direction = np.array(image.direction).reshape(4, 4)[:3, :3]
     elif dimension == 3:
-        array = sitk.GetArrayFromImage(image)  # [k, j, i] or, with components, [k, j, i, echo]
+        array = image.pixels()  # [k, j, i] or, with components, [k, j, i, echo]
         array = array.transpose(2, 1, 0)[..., None] if components == 1 else array.transpose(2, 1, 0, 3)
-        spacing, origin, direction = image.GetSpacing(), image.GetOrigin(), image.GetDirection()
+        spacing, origin, direction = image.spacing, image.origin, image.direction
     else:
         raise QSMInputError(f"{path} is {dimension}D (shape {size}"
                             + (f", {components} components per voxel" if components != 1 else "")
@@ -190,6 +204,33 @@ def read_echoes(path: PathLike) -> EchoSeries:
         raise QSMInputError(f"{path}: {exc}") from exc
 
 
+def check_output_path(path: PathLike) -> Path:
+    """Refuse, before any work, an output path that :func:`write_volume` could not write.
+
+    Checks the suffix (one of ``WRITE_SUFFIXES``, lower or upper case), that the path is not a folder,
+    and that its folder exists or can be created and accepts a new file (a probe file is created and
+    removed in the nearest existing folder). Returns the path.
+    """
+    path = Path(path)
+    _write_suffix(path)
+    if path.is_dir():
+        raise QSMInputError(f"cannot write {path}: it is a folder; give a file name ending in"
+                            f" {', '.join(WRITE_SUFFIXES)}")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise QSMInputError(f"cannot write {path}: {folder} is a file, not a folder")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".qsmdip-probe-", dir=str(folder))
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        raise QSMInputError(f"cannot write {path}: the folder {folder} does not accept new files"
+                            f" ({exc.strerror or exc})") from exc
+    return path
+
+
 def write_volume(path: PathLike, array: np.ndarray, like: Optional[Volume] = None, *,
                  spacing_mm: Optional[Sequence[float]] = None, origin: Optional[Sequence[float]] = None,
                  direction: Optional[np.ndarray] = None) -> Path:
@@ -197,16 +238,25 @@ def write_volume(path: PathLike, array: np.ndarray, like: Optional[Volume] = Non
 
     Keywords override ``like``; without either the grid is 1 mm, origin 0, identity direction. The
     file appears atomically (written under a hidden temporary name in the same folder, then renamed),
-    so a reader polling for it never sees half a file. Parent folders are created. Returns the path.
+    so a reader polling for it never sees half a file. Parent folders are created. An array holding
+    NaN or Inf (after conversion to float32) is refused: no map with non-finite values is written.
+    Returns the path.
     """
     path = Path(path)
-    if not path.name.lower().endswith(WRITE_SUFFIXES):
-        raise QSMInputError(f"cannot write {path}: use one of {', '.join(WRITE_SUFFIXES)}")
+    suffix = _write_suffix(path)
     if like is not None and np.shape(array) != like.shape:
         raise QSMInputError(f"cannot write {path}: array shape {np.shape(array)} differs from the grid {like.shape}")
+    with np.errstate(over="ignore"):  # values beyond float32's range become Inf, refused just below
+        values = np.asarray(array, dtype=np.float32)
+    bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+    if bad:
+        raise QSMInputError(f"cannot write {path}: the map holds {bad} NaN/Inf voxels (or values beyond"
+                            " float32's range)")
+    if path.is_dir():
+        raise QSMInputError(f"cannot write {path}: it is a folder")
     grid = like if like is not None else Volume(np.zeros((1, 1, 1)))
     volume = Volume(
-        np.asarray(array, dtype=np.float32),
+        values,
         spacing_mm if spacing_mm is not None else grid.spacing_mm,
         origin if origin is not None else grid.origin,
         direction if direction is not None else grid.direction,
@@ -216,42 +266,117 @@ def write_volume(path: PathLike, array: np.ndarray, like: Optional[Volume] = Non
     image.SetOrigin(volume.origin)
     image.SetDirection(tuple(float(x) for x in volume.direction.ravel()))
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # SimpleITK picks the format from the extension, so the temporary name must end like the real one.
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
+    # SimpleITK picks the format from the (lower-case) extension, so the temporary name ends in it.
+    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}{suffix}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         sitk.WriteImage(image, str(tmp))
         os.replace(tmp, path)
     except RuntimeError as exc:
         raise QSMInputError(f"cannot write {path}: {str(exc).strip().splitlines()[-1]}") from exc
+    except OSError as exc:
+        raise QSMInputError(f"cannot write {path}: {exc.strerror or exc}") from exc
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
 
 
-def _open_image(path: Path, expected: str) -> sitk.Image:
-    """Read any image SimpleITK can, refusing missing, unreadable and complex files in one line."""
-    if not path.exists():
-        raise QSMInputError(f"no such file: {path}")
-    if path.is_dir():
-        raise QSMInputError(f"{path} is a folder, not an image file (convert DICOM to NIfTI or NRRD first)")
+def _write_suffix(path: Path) -> str:
+    """The lower-case suffix of a path we can write; mixed case is refused (ITK cannot read it back)."""
+    name = path.name
+    for suffix in WRITE_SUFFIXES:
+        if name.endswith(suffix) or name.endswith(suffix.upper()):
+            return suffix
+    if name.lower().endswith(WRITE_SUFFIXES):
+        raise QSMInputError(f"cannot write {path}: write the suffix in lower case (or all upper case)")
+    raise QSMInputError(f"cannot write {path}: use one of {', '.join(WRITE_SUFFIXES)}")
+
+
+@dataclass
+class _ImageFile:
+    """An image file's header (ITK's view of its grid) and a way to read its voxels safely.
+
+    ``pixels()`` returns the voxels in SimpleITK's layout (``[..., k, j, i]``, components last).
+    """
+
+    path: Path
+    size: Tuple[int, ...]
+    spacing: Tuple[float, ...]
+    origin: Tuple[float, ...]
+    direction: Tuple[float, ...]
+    components: int
+    image: Optional[sitk.Image] = None  #: the whole image, for the formats ITK reads safely
+
+    @property
+    def dimension(self) -> int:
+        return len(self.size)
+
+    @classmethod
+    def open(cls, path: Path, expected: str) -> "_ImageFile":
+        """Read the header (and, for NRRD / MetaImage, the image), refusing unusable files in one line."""
+        if not path.exists():
+            raise QSMInputError(f"no such file: {path}")
+        if path.is_dir():
+            raise QSMInputError(f"{path} is a folder, not an image file (convert DICOM to NIfTI or NRRD first)")
+        if not path.name.lower().endswith(READ_SUFFIXES):
+            raise QSMInputError(f"cannot read {path}: QSMDIP reads NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr) and"
+                                " MetaImage (.mha, .mhd), whose readers detect damaged files; convert it first")
+        nifti = path.name.lower().endswith(NIFTI_SUFFIXES)
+        try:
+            if nifti:  # header only: the voxels come from nibabel
+                source = sitk.ImageFileReader()
+                source.SetFileName(str(path))
+                source.ReadImageInformation()
+                components, pixel = source.GetNumberOfComponents(), source.GetPixelID()
+                image = None
+            else:
+                source = image = sitk.ReadImage(str(path))
+                components, pixel = image.GetNumberOfComponentsPerPixel(), image.GetPixelID()
+        except RuntimeError as exc:
+            raise QSMInputError(f"cannot read {path} as an image: {_itk_reason(exc, path)}") from exc
+        if "complex" in sitk.GetPixelIDValueAsString(pixel):
+            raise QSMInputError(f"{path} holds complex values: QSMDIP expects {expected}")
+        return cls(path, tuple(int(n) for n in source.GetSize()), tuple(source.GetSpacing()),
+                   tuple(source.GetOrigin()), tuple(source.GetDirection()), int(components), image)
+
+    def pixels(self) -> np.ndarray:
+        """The voxel values in SimpleITK's array layout, NaN and Inf kept."""
+        if self.image is not None:
+            return sitk.GetArrayFromImage(self.image)
+        if self.components != 1:  # callers refuse these first: NIfTI components are never echoes
+            raise QSMInputError(f"{self.path} has {self.components} components per voxel: expected scalars")
+        return _read_nifti_voxels(self.path, self.size)
+
+
+def _read_nifti_voxels(path: Path, size: Sequence[int]) -> np.ndarray:
+    """Scalar NIfTI voxels through nibabel (scaled by scl_slope / scl_inter), which keeps NaN / Inf and
+    refuses truncated or damaged data; in the layout SimpleITK gives for the header ITK read."""
     try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as exc:
-        reason = str(exc).strip().splitlines()[-1].replace("sitk::ERROR: ", "")
-        raise QSMInputError(f"cannot read {path} as an image: {reason}") from exc
-    if "complex" in image.GetPixelIDTypeAsString():
-        raise QSMInputError(f"{path} holds complex values: QSMDIP expects {expected}")
-    return image
+        import nibabel
+        from nibabel.filebasedimages import ImageFileError
+    except ImportError as exc:  # a core dependency; only a broken install lacks it
+        from .errors import MissingDependencyError
+
+        raise MissingDependencyError(f"reading NIfTI needs nibabel (pip install nibabel): {exc}") from exc
+    try:
+        data = np.asanyarray(nibabel.load(str(path), mmap=False).dataobj)
+    except (OSError, EOFError, ValueError, zlib.error, ImageFileError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise QSMInputError(f"cannot read {path}: its voxel data is truncated or damaged ({reason})") from exc
+    layout = tuple(reversed(tuple(size)))  # nibabel is [i, j, k, ...]; SimpleITK [..., k, j, i]
+    if data.size != int(np.prod(layout)):
+        raise QSMInputError(f"cannot read {path}: its header says {tuple(size)} voxels but nibabel read"
+                            f" an array of shape {data.shape}")
+    return np.ascontiguousarray(data.T).reshape(layout)
 
 
-def _squeeze_4d(image: sitk.Image, path: Path) -> Volume:
-    """Drop a size-1 fourth axis, keeping the 3D part of the spacing, origin and direction."""
-    array = sitk.GetArrayFromImage(image)[0]  # [t, k, j, i] -> [k, j, i]
-    direction4 = np.array(image.GetDirection()).reshape(4, 4)
-    return _volume(np.ascontiguousarray(array.transpose(2, 1, 0)), image.GetSpacing()[:3],
-                   image.GetOrigin()[:3], direction4[:3, :3], path)
+def _itk_reason(exc: RuntimeError, path: Path) -> str:
+    """The useful last line of an ITK error; MetaImage reports a short read as a missing file."""
+    reason = str(exc).strip().splitlines()[-1].replace("sitk::ERROR: ", "")
+    if "No such file or directory" in reason and path.exists():
+        reason = "its data could not be read completely (is the file truncated, or its data file missing?)"
+    return reason
 
 
 def _volume(array: np.ndarray, spacing: Sequence[float], origin: Sequence[float],
@@ -266,7 +391,7 @@ def _volume(array: np.ndarray, spacing: Sequence[float], origin: Sequence[float]
 def _three_floats(values: Sequence[float], name: str) -> Tuple[float, float, float]:
     v = np.asarray(values, dtype=np.float64).reshape(-1)
     if v.size != 3 or not np.all(np.isfinite(v)):
-        raise QSMInputError(f"{name} must be three finite numbers, got {list(v)}")
+        raise QSMInputError(f"{name} must be three finite numbers, got {_fmt(v)}")
     return (float(v[0]), float(v[1]), float(v[2]))
 
 

@@ -7,17 +7,19 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
 from . import io as qio
 from .errors import QSMInputError
 from .geometry import SUPERIOR, b0_direction_in_voxel_frame
-from .solvers import get_solver, make_settings
+from .solvers import get_solver, make_settings, settings_class
 from .solvers.base import Progress, SolveResult
-from .validation import check_magnitude, check_reference, prepare_inputs
+from .units import ppm_per_unit
+from .validation import check_magnitude, check_network_fits, check_reference, check_types, prepare_inputs
 
 
 @dataclass
@@ -126,19 +128,88 @@ def _max_iterations(settings: Any) -> int:
     return int(getattr(settings, "iterations", 0))
 
 
+def check_request(request: ReconstructionRequest) -> None:
+    """Refuse, before any file is read or any work done, a request that could not end well.
+
+    Types of every field (a job file may hold ``"b0_tesla": "3"``), the snapshot interval, and the files
+    the run will write: each must be writable now (suffix, folder), and none may be one of the inputs,
+    so a run can never overwrite its own field, mask, reference or magnitude.
+    """
+    ppm_per_unit(request.units, request.b0_tesla, request.te_s)  # units, B0, TE: messages in their own words
+    check_types(ReconstructionRequest, dataclasses.asdict(request), "request field")
+    if request.snapshot_every < 1:
+        raise QSMInputError(f"snapshot interval must be at least 1 iteration, got {request.snapshot_every}")
+    inputs = {"field": request.field_path, "mask": request.mask_path, "reference": request.reference_path,
+              "magnitude": request.magnitude_path}
+    outputs = {"output": request.output_path, "snapshot": request.snapshot_path}
+    for out_name, out_path in outputs.items():
+        if not out_path:
+            continue
+        for in_name, in_path in inputs.items():
+            if in_path and _same_file(out_path, in_path):
+                raise QSMInputError(f"the {out_name} file {out_path} is the {in_name} file: choose another name,"
+                                    f" so the {in_name} is not overwritten")
+        qio.check_output_path(out_path)
+    if request.snapshot_path and _same_file(request.snapshot_path, request.output_path):
+        raise QSMInputError(f"the snapshot file and the output file are both {request.output_path}")
+    if request.snapshot_dir:
+        folder = request.snapshot_dir
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise QSMInputError(f"the snapshot folder {folder} is a file, not a folder")
+        for in_name, in_path in inputs.items():
+            if in_path and _same_file(os.path.dirname(os.path.abspath(in_path)), folder) \
+                    and re.match(r"snapshot_\d{5}\.", os.path.basename(in_path)):
+                raise QSMInputError(f"the {in_name} file {in_path} would be overwritten by a snapshot:"
+                                    " choose another snapshot folder")
+        qio.check_output_path(_snapshot_file(request, 0))
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether two paths name one file (links followed), also when ``a`` does not exist yet."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.normcase(os.path.realpath(a)) == os.path.normcase(os.path.realpath(b))
+
+
+def _snapshot_file(request: ReconstructionRequest, iteration: int) -> str:
+    """The numbered snapshot file in ``snapshot_dir``, in the output's format."""
+    ext = ".nii.gz"
+    for candidate in (".nii.gz", ".nii", ".nrrd"):
+        if request.output_path.lower().endswith(candidate):
+            ext = candidate
+    return os.path.join(str(request.snapshot_dir), f"snapshot_{iteration:05d}{ext}")
+
+
 def _write_snapshot(request: ReconstructionRequest, like: qio.Volume, chi: np.ndarray, iteration: int) -> Optional[str]:
     path = None
     if request.snapshot_path:
         path = request.snapshot_path
         qio.write_volume(path, chi, like=like)
     if request.snapshot_dir:
-        ext = ".nii.gz"
-        for candidate in (".nii.gz", ".nii", ".nrrd"):
-            if request.output_path.endswith(candidate):
-                ext = candidate
-        path = os.path.join(request.snapshot_dir, f"snapshot_{iteration:05d}{ext}")
+        path = _snapshot_file(request, iteration)
         qio.write_volume(path, chi, like=like)
     return path
+
+
+def _check_finite(chi: np.ndarray, method: str, when: str) -> None:
+    """Refuse a map with NaN/Inf: it is never written (extreme input values or settings made it diverge)."""
+    bad = int(chi.size - np.count_nonzero(np.isfinite(chi)))
+    if bad:
+        raise QSMInputError(f"{method} gave {bad} NaN/Inf voxels {when}, so nothing was written: check the field"
+                            " for extreme values, or the settings (e.g. a lower learning_rate)")
+
+
+def _make_settings(request: ReconstructionRequest) -> Any:
+    """The method's settings from its preset and the request's overrides, every override type-checked."""
+    overrides = check_types(settings_class(request.method), request.settings,
+                            f"{str(request.method).strip().lower()} setting")
+    try:
+        return make_settings(request.method, request.preset, overrides)
+    except QSMInputError:
+        raise
+    except (TypeError, ValueError, OverflowError) as exc:  # a rule a settings class checks without QSMInputError
+        raise QSMInputError(f"invalid {request.method} settings {request.settings}: {exc}") from exc
 
 
 def run_reconstruction(request: ReconstructionRequest, listener: Optional[RunListener] = None,
@@ -152,10 +223,11 @@ def run_reconstruction(request: ReconstructionRequest, listener: Optional[RunLis
     from .metrics import all_metrics
 
     listener = listener or RunListener()
-    if request.snapshot_every < 1:
-        raise QSMInputError(f"snapshot interval must be at least 1 iteration, got {request.snapshot_every}")
-    settings = make_settings(request.method, request.preset, request.settings)
+    check_request(request)
+    settings = _make_settings(request)
     inputs = load_inputs(request)
+    if str(request.method).strip().lower() == "dip":
+        check_network_fits(inputs.mask, settings.depth)
     device, device_note = resolve_device(request.device)
     listener.started(RunInfo(request.method, device_note, _max_iterations(settings), inputs.warnings,
                              inputs.b0_dir_voxel, inputs.field_ppm.shape))
@@ -169,16 +241,21 @@ def run_reconstruction(request: ReconstructionRequest, listener: Optional[RunLis
         if listener.cancel_requested():  # a cancelled run writes no further snapshot
             return True
         listener.progress(progress)
+        _check_finite(progress.chi_ppm, request.method, f"at iteration {progress.iteration}")
         path = _write_snapshot(request, inputs.field_volume, progress.chi_ppm, progress.iteration)
         if path is not None or inputs.reference_ppm is not None:
             listener.snapshot(progress.iteration, path, metrics_of(progress.chi_ppm))
         return listener.cancel_requested()
 
     solve = get_solver(request.method)
-    result: SolveResult = solve(inputs.field_ppm, inputs.mask, inputs.field_volume.spacing_mm,
-                                b0_dir=inputs.b0_dir_voxel, settings=settings, callback=callback,
-                                callback_every=request.snapshot_every, device=str(device),
-                                magnitude=inputs.magnitude)
+    try:
+        result: SolveResult = solve(inputs.field_ppm, inputs.mask, inputs.field_volume.spacing_mm,
+                                    b0_dir=inputs.b0_dir_voxel, settings=settings, callback=callback,
+                                    callback_every=request.snapshot_every, device=str(device),
+                                    magnitude=inputs.magnitude)
+    except FloatingPointError as exc:  # a solver's own divergence check (e.g. DIP's loss became NaN)
+        raise QSMInputError(f"{request.method} diverged: {exc}") from exc
+    _check_finite(result.chi_ppm, request.method, "in the final map")
     output_path: Optional[str] = None
     if result.stop_reason != "cancelled" or write_output_when_cancelled:
         qio.write_volume(request.output_path, result.chi_ppm, like=inputs.field_volume)
@@ -188,13 +265,18 @@ def run_reconstruction(request: ReconstructionRequest, listener: Optional[RunLis
                      dict(result.chosen))
 
 
-def request_from_dict(data: Dict[str, Any]) -> ReconstructionRequest:
-    """Build a request from a job dictionary (worker job files), refusing unknown keys."""
-    names = {f.name for f in dataclasses.fields(ReconstructionRequest)}
-    unknown = sorted(set(data) - names)
+def request_from_dict(data: Dict[str, Any], names: Optional[Mapping[str, str]] = None) -> ReconstructionRequest:
+    """Build a request from a job dictionary (worker job files), refusing unknown keys and wrong types.
+
+    ``names`` maps request fields to the keys the job file used, so that messages name those keys.
+    """
+    if not isinstance(data, dict):
+        raise QSMInputError(f"a job must be an object of key: value pairs, got {type(data).__name__}")
+    fields = {f.name for f in dataclasses.fields(ReconstructionRequest)}
+    unknown = sorted(set(data) - fields)
     if unknown:
         raise QSMInputError(f"unknown job keys: {', '.join(unknown)}")
     for required in ("field_path", "mask_path", "output_path"):
         if not data.get(required):
-            raise QSMInputError(f"the job has no {required}")
-    return ReconstructionRequest(**data)
+            raise QSMInputError(f"the job has no {(names or {}).get(required, required)}")
+    return ReconstructionRequest(**check_types(ReconstructionRequest, data, "job key", names))

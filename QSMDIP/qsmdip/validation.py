@@ -7,7 +7,13 @@ would need a guess (which units? which grid?) is refused.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple, Union
+import collections.abc
+import dataclasses
+import math
+import numbers
+import os
+import typing
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
@@ -15,14 +21,25 @@ from .errors import QSMInputError
 from .io import EchoSeries, Volume
 from .units import field_to_ppm, normalise_unit, ppm_per_unit
 
-#: A local field (or a susceptibility map) whose 99th percentile of |value| exceeds this many ppm is
-#: almost certainly not in ppm (Hz, radians or ppb): refused.
-MAX_PLAUSIBLE_PPM = 10.0
-#: Above this, the value is unusual for a local field in ppm but possible (e.g. a large haemorrhage):
-#: accepted with a warning.
+# How large a field in ppm may be. The statistic is the spread of the field inside the mask: the
+# FIELD_SPREAD_PERCENTILE-th percentile of |field - median(field)|, which ignores a few bad voxels and a
+# constant offset. A local field in ppm rarely exceeds ~1 ppm there, even with a large haemorrhage or
+# veins; a field that still holds part of the background field reaches a few ppm near the sinuses. A
+# local field in Hz spreads over ~5-20 "ppm" at 1.5 T and ~10-40 at 3 T (127.7 Hz per ppm there).
+FIELD_SPREAD_PERCENTILE = 99.9
+#: Spread (ppm) above which a field given in ppm is refused: it looks like Hz or radians.
+MAX_PLAUSIBLE_PPM = 5.0
+#: Spread (ppm) above which a field is unusual for a local field but possible (a large haemorrhage, a
+#: residual background field): accepted with a warning.
 WARN_PPM = 1.0
-#: Below this, a field in ppm is suspiciously weak (e.g. ppm values declared as Hz): warning only.
+#: Below this spread, a field in ppm is suspiciously weak (e.g. ppm values declared as Hz): warning only.
 MIN_TYPICAL_PPM = 1e-3
+#: No voxel of a field may differ from the field's median by more than this (ppm): the largest
+#: susceptibility difference in the head (air / tissue, ~9.4 ppm) cannot make such a field, and one such
+#: voxel is enough to spoil the whole map (or overflow it to NaN).
+MAX_VOXEL_PPM = 50.0
+#: A reference susceptibility map whose 99th percentile |value| exceeds this (ppm) is taken to be in ppb.
+MAX_PLAUSIBLE_CHI_PPM = 10.0
 #: Shared tolerance for "same grid" (see :meth:`qsmdip.io.Volume.geometry_difference`).
 GEOMETRY_TOL = 1e-3
 
@@ -49,11 +66,12 @@ def prepare_inputs(field: Volume, mask: Volume, *, units: str, b0_tesla: Optiona
         values = np.where(bad, 0.0, values)
         warnings.append(f"{int(np.count_nonzero(bad))} NaN/Inf field voxels outside the mask were set to 0")
 
+    warnings += _unused_acquisition_values(unit, b0_tesla, te_s)
     field_ppm = field_to_ppm(values, unit, b0_tesla, te_s)
     inside_values = field_ppm[inside]
     if not np.any(inside_values != 0):
         raise QSMInputError("the field is zero everywhere inside the mask: there is nothing to reconstruct")
-    warnings += _check_ppm_magnitude(inside_values, _unit_hint(unit, factor, b0_tesla, te_s))
+    warnings += _check_ppm_magnitude(field_ppm, inside, _unit_hint(unit, factor, b0_tesla, te_s))
     return field_ppm, inside, warnings
 
 
@@ -113,7 +131,7 @@ def check_reference(reference: Volume, field: Volume) -> Tuple[np.ndarray, List[
         raise QSMInputError("the reference is zero everywhere: metrics against it would be meaningless")
     nonzero = values[values != 0]
     p99 = float(np.percentile(np.abs(nonzero), 99))
-    if p99 > MAX_PLAUSIBLE_PPM:
+    if p99 > MAX_PLAUSIBLE_CHI_PPM:
         raise QSMInputError(f"the reference's 99th percentile |value| is {p99:.4g}, implausible for a"
                             " susceptibility map in ppm (is it in ppb? divide it by 1000)")
     return values.astype(np.float32), warnings
@@ -157,6 +175,22 @@ def check_magnitude(magnitude: Union[Volume, EchoSeries], field: Volume) -> Tupl
     return np.sqrt(combined).astype(np.float32), warnings
 
 
+def check_network_fits(mask: np.ndarray, depth: int, margin: int = 2) -> None:
+    """Refuse a mask too small for a U-Net of ``depth`` stride-2 levels (DIP's network).
+
+    DIP fits the mask's bounding box grown by ``margin`` voxels (``solvers.base.crop_to_mask``), padded to
+    a multiple of 2**depth; if that is 2**depth voxels along every axis, the deepest level holds a single
+    voxel, which instance normalisation cannot handle.
+    """
+    from .geometry import mask_bounding_box
+
+    box = tuple(s.stop - s.start for s in mask_bounding_box(mask, margin))
+    if all(n <= 2 ** depth for n in box):
+        raise QSMInputError(f"the mask's bounding box ({box[0]}x{box[1]}x{box[2]} voxels with a {margin}-voxel margin)"
+                            f" is too small for DIP's network of depth {depth}: it needs more than {2 ** depth}"
+                            " voxels along at least one axis; use --method tv, or a lower --set depth")
+
+
 def check_same_grid(a: Volume, b: Volume, a_name: str, b_name: str) -> None:
     """Refuse two volumes that do not share one voxel grid, saying what differs."""
     if a.shape != b.shape:
@@ -168,22 +202,117 @@ def check_same_grid(a: Volume, b: Volume, a_name: str, b_name: str) -> None:
                             f" (resample the {b_name} onto the {a_name})")
 
 
-def _check_ppm_magnitude(inside_ppm: np.ndarray, hint: str) -> List[str]:
-    """Refuse a field whose size says its units are wrong; warn when it is merely unusual."""
-    p99 = float(np.percentile(np.abs(inside_ppm), 99))
-    if p99 > MAX_PLAUSIBLE_PPM:
-        raise QSMInputError(f"the field's 99th percentile |value| inside the mask is {p99:.4g} ppm,"
-                            f" implausible for a local field: {hint}")
-    if p99 > WARN_PPM:
-        return [f"the field's 99th percentile |value| inside the mask is {p99:.3g} ppm, large for a local"
-                f" field: {hint}"]
-    if p99 < MIN_TYPICAL_PPM:
-        return [f"the field's 99th percentile |value| inside the mask is only {p99:.3g} ppm: {hint}"]
+def _check_ppm_magnitude(field_ppm: np.ndarray, inside: np.ndarray, hint: str) -> List[str]:
+    """Refuse a field whose size says its units are wrong, or with a voxel no field can have; warn when
+    it is merely unusual. See FIELD_SPREAD_PERCENTILE for the statistic and the thresholds."""
+    inside_ppm = field_ppm[inside].astype(np.float64)
+    deviation = np.abs(inside_ppm - np.median(inside_ppm))
+    spread = float(np.percentile(deviation, FIELD_SPREAD_PERCENTILE))
+    described = (f"the field inside the mask spreads over {spread:.3g} ppm ({FIELD_SPREAD_PERCENTILE:g}th"
+                 " percentile of |field - median|)")
+    if spread > MAX_PLAUSIBLE_PPM:
+        raise QSMInputError(f"{described}, implausible for a local field in ppm (refused above"
+                            f" {MAX_PLAUSIBLE_PPM:g}): {hint}")
+    extreme = deviation > MAX_VOXEL_PPM
+    if np.any(extreme):
+        worst = int(np.argmax(deviation))
+        where = tuple(int(n) for n in np.argwhere(inside)[worst])
+        raise QSMInputError(f"{int(np.count_nonzero(extreme))} voxel(s) inside the mask differ from the field's"
+                            f" median by more than {MAX_VOXEL_PPM:g} ppm (the largest, {float(inside_ppm[worst]):.4g}"
+                            f" ppm, at voxel {list(where)}): no local field is that large; fix them or leave"
+                            " them out of the mask")
+    if spread > WARN_PPM:
+        return [f"{described}, large for a local field (a large haemorrhage, or a background field not"
+                f" fully removed?): {hint}"]
+    if spread < MIN_TYPICAL_PPM:
+        return [f"{described}, only: {hint}"]
     return []
 
 
 def _unit_hint(unit: str, factor: float, b0_tesla: Optional[float], te_s: Optional[float]) -> str:
     if unit == "ppm":
-        return "if it is in Hz or radians, say so with --units hz (and --b0) or --units rad (and --b0, --te)"
-    given = f"B0 {b0_tesla} T" + (f", TE {te_s} s" if unit == "rad" else "")
+        return ("it looks like Hz or radians: give --units hz --b0 TESLA, or --units rad --b0 TESLA --te"
+                " SECONDS (and remove the background field first if it is a total field)")
+    given = f"B0 {b0_tesla:g} T" + (f", TE {te_s:g} s" if unit == "rad" else "")
     return f"check --units ({unit}) and {given} (1 {unit} = {factor:.4g} ppm)"
+
+
+def _unused_acquisition_values(unit: str, b0_tesla: Optional[float], te_s: Optional[float]) -> List[str]:
+    """Warnings for a B0 or an echo time that the field's units make unnecessary (they are still checked)."""
+    warnings = []
+    if b0_tesla is not None and unit == "ppm":
+        warnings.append(f"B0 {b0_tesla:g} T is not used: the field is already in ppm")
+    if te_s is not None and unit != "rad":
+        warnings.append(f"the echo time {te_s:g} s is not used: only a field in rad needs it")
+    return warnings
+
+
+def check_types(cls: type, values: Mapping[str, Any], what: str,
+                names: Optional[Mapping[str, str]] = None) -> Dict[str, Any]:
+    """Check ``values`` against the field types of the dataclass ``cls``; return them converted.
+
+    For values that come from text (``--set NAME=VALUE``) or a JSON job file, so that a wrong type is
+    a one-line :class:`QSMInputError` naming the value instead of a crash deep inside a solver: numbers
+    must be finite real numbers (``Infinity`` and ``NaN`` are refused), whole numbers integers, flags
+    true/false, tuples lists of numbers. ``what`` prefixes the message ("tv setting"); ``names`` maps a
+    field to the name the user typed (a job-file key). Names that are not fields are left to the caller.
+    """
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    checked: Dict[str, Any] = {}
+    for name, value in values.items():
+        if name not in fields:
+            checked[name] = value
+            continue
+        ok, converted, expected = _convert(hints.get(name, Any), value)
+        if not ok:
+            shown = (names or {}).get(name, name)
+            raise QSMInputError(f"{what} {shown}={_show(value)} is invalid: it must be {expected}")
+        checked[name] = converted
+    return checked
+
+
+def _convert(hint: Any, value: Any) -> Tuple[bool, Any, str]:
+    """(whether ``value`` fits the type ``hint``, the value converted, what was expected in words)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Union:
+        if value is None and type(None) in args:
+            return True, None, ""
+        inner = [a for a in args if a is not type(None)]
+        ok, converted, expected = _convert(inner[0], value) if len(inner) == 1 else (True, value, "")
+        return ok, converted, expected
+    if hint is bool:
+        return isinstance(value, (bool, np.bool_)), bool(value) if isinstance(value, (bool, np.bool_)) else value, \
+            "true or false"
+    if hint is int:
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+        return ok, int(value) if ok else value, "a whole number"
+    if hint is float:
+        ok = _is_finite_real(value)
+        return ok, float(value) if ok else value, "a finite number"
+    if hint is str:
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        return isinstance(value, str), value, "a text"
+    if origin in (tuple, list, collections.abc.Sequence):
+        fixed = len(args) if origin is tuple and args and Ellipsis not in args else None
+        ok = isinstance(value, (list, tuple)) and all(_is_finite_real(v) for v in value) \
+            and (fixed is None or len(value) == fixed) and len(value) > 0
+        expected = f"a list of {fixed} finite numbers" if fixed else "a list of finite numbers"
+        return ok, tuple(float(v) for v in value) if ok else value, expected
+    if origin in (dict, collections.abc.Mapping) or hint is dict:
+        return isinstance(value, dict), value, "an object of NAME: VALUE pairs"
+    return True, value, ""
+
+
+def _is_finite_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and math.isfinite(float(value))
+
+
+def _show(value: Any) -> str:
+    """A value as the user typed it: no ``np.float64(...)`` wrappers."""
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
+        return repr(float(value)) if not isinstance(value, numbers.Integral) else str(int(value))
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    return repr(value)

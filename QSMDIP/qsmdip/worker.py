@@ -60,18 +60,27 @@ def _jsonable(value: Any) -> Any:
 
 
 def parse_job(job: Dict[str, Any]):
-    """Turn a job dictionary (protocol 1) into a ReconstructionRequest."""
+    """Turn a job dictionary (protocol 1) into a ReconstructionRequest; a badly typed value is an input error."""
     from .errors import QSMInputError
     from .runner import request_from_dict
 
+    if not isinstance(job, dict):
+        raise QSMInputError(f"the job file must hold one JSON object of key: value pairs, got {_json_type(job)}")
     version = job.get("protocol")
-    if version != PROTOCOL_VERSION:
+    if version != PROTOCOL_VERSION or isinstance(version, bool):
         raise QSMInputError(f"job protocol {version!r} is not supported (this worker speaks {PROTOCOL_VERSION})")
     unknown = sorted(set(job) - set(_JOB_KEYS) - {"protocol"})
     if unknown:
         raise QSMInputError(f"unknown job keys: {', '.join(unknown)}")
     data = {_JOB_KEYS[k]: v for k, v in job.items() if k in _JOB_KEYS and v is not None}
-    return request_from_dict(data)
+    return request_from_dict(data, names={field: key for key, field in _JOB_KEYS.items()})
+
+
+def _json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type (array, string, number...)."""
+    names = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
+             type(None): "null"}
+    return names.get(type(value), type(value).__name__)
 
 
 def run(job_path: str, out: TextIO = sys.stdout) -> int:
