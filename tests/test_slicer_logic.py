@@ -29,7 +29,7 @@ from qsmdip.worker import parse_job  # noqa: E402
 from QSMDIPLib.compare import compare_nodes, metric_table_rows, metrics_for_nodes, update_difference_node  # noqa: E402
 from QSMDIPLib.job import JobOptions, options_from_panel, prepare_job, worker_takes_snapshot_dir  # noqa: E402
 from QSMDIPLib.process import (  # noqa: E402
-    CREATE_NEW_PROCESS_GROUP, CREATE_NO_WINDOW, BackgroundProcess, CommandSequence, WorkerProcess, describe_exit,
+    CREATE_NEW_PROCESS_GROUP, CREATE_NO_WINDOW, CommandSequence, WorkerProcess, describe_exit,
     popen_options,
 )
 from QSMDIPLib.session import ReconstructionSession  # noqa: E402
@@ -584,11 +584,14 @@ def test_difference_node_is_made_anew_after_deletion_or_scene_clear(scene, volum
     _, remade = compare_nodes(scene, qsm, chi, mask, difference)
     assert remade is not difference and scene.IsNodePresent(remade)
 
+    stale_id = remade.GetID()
     scene.Clear(0)                                     # a closed scene: IDs are handed out again
-    field = add_volume(scene, "vtkMRMLScalarVolumeNode", "field", phantom.field_ppm)
     mask = add_volume(scene, "vtkMRMLLabelMapVolumeNode", "brain", phantom.mask.astype(np.uint8))
     chi = add_volume(scene, "vtkMRMLScalarVolumeNode", "chi", phantom.chi_ppm)
     qsm = add_volume(scene, "vtkMRMLScalarVolumeNode", "estimate", phantom.chi_ppm * 0.5)
+    while scene.GetNodeByID(stale_id) is None:         # until another node holds the old difference node's ID
+        scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "other")
+    assert scene.GetNodeByID(stale_id) is not remade
     _, after_clear = compare_nodes(scene, qsm, chi, mask, remade)
     assert after_clear is not remade and scene.IsNodePresent(after_clear)
     assert after_clear.GetName() == "estimate_minus_reference"
