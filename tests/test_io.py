@@ -6,7 +6,7 @@ import pytest
 import SimpleITK as sitk
 
 from qsmdip.errors import QSMInputError
-from qsmdip.io import EchoSeries, Volume, read_echoes, read_volume, volume_like, write_volume
+from qsmdip.io import EchoSeries, Volume, check_output_path, read_echoes, read_volume, volume_like, write_volume
 
 SHAPE = (7, 9, 11)  # [i, j, k], deliberately non-cubic
 SPACING = (0.7, 1.1, 2.3)
@@ -243,3 +243,68 @@ def test_volume_refuses_bad_arrays_and_geometry():
         Volume(np.zeros((4, 4, 4)), direction=np.array([[1, 0.3, 0], [0, 1, 0], [0, 0, 1]]))
     with pytest.raises(QSMInputError, match=r"\(4, 4, 4\)"):
         volume_like(Volume(np.zeros((4, 4, 4))), np.zeros((4, 4, 5)))
+
+
+def test_nifti_keeps_nan_and_inf(tmp_path):
+    """ITK's own NIfTI reader turns NaN and Inf into 0; the library reads NIfTI voxels with nibabel."""
+    import nibabel
+
+    array = random_field()
+    array[1, 2, 3], array[4, 5, 6], array[6, 0, 10] = np.nan, np.inf, -np.inf
+    for suffix in (".nii.gz", ".nii"):
+        nibabel.save(nibabel.Nifti1Image(array, np.diag([0.7, 1.1, 2.3, 1.0])), str(tmp_path / f"f{suffix}"))
+        volume = read_volume(tmp_path / f"f{suffix}")
+        assert np.isnan(volume.array[1, 2, 3]) and volume.array[4, 5, 6] == np.inf and volume.array[6, 0, 10] == -np.inf
+        finite = np.isfinite(array)
+        assert np.array_equal(volume.array[finite], array[finite])
+        assert volume.spacing_mm == pytest.approx((0.7, 1.1, 2.3))
+
+
+def test_nifti_scaling_matches_itk(tmp_path):
+    """Integer voxels with scl_slope / scl_inter are scaled as ITK scales them."""
+    import nibabel
+
+    raw = (np.arange(np.prod(SHAPE)).reshape(SHAPE) % 300 - 150).astype(np.int16)
+    image = nibabel.Nifti1Image(raw, np.eye(4))
+    image.header.set_slope_inter(0.5, 3.0)
+    nibabel.save(image, str(tmp_path / "scaled.nii.gz"))
+    volume = read_volume(tmp_path / "scaled.nii.gz")
+    itk = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "scaled.nii.gz"))).transpose(2, 1, 0)
+    np.testing.assert_allclose(volume.array, raw * 0.5 + 3.0)
+    np.testing.assert_allclose(volume.array, itk)
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd", ".mha"])
+@pytest.mark.parametrize("reader", [read_volume, read_echoes])
+def test_truncated_files_are_refused(tmp_path, suffix, reader):
+    path = write_volume(tmp_path / f"field{suffix}", random_field())
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(QSMInputError, match=rf"cannot read .*field{suffix}") as error:
+        reader(path)
+    assert "\n" not in str(error.value)
+
+
+def test_formats_that_cannot_prove_a_complete_read_are_refused(tmp_path):
+    sitk.WriteImage(sitk.GetImageFromArray(random_field()), str(tmp_path / "field.vtk"))
+    with pytest.raises(QSMInputError, match=r"field\.vtk: QSMDIP reads NIfTI .*, NRRD .* and MetaImage"):
+        read_volume(tmp_path / "field.vtk")
+
+
+def test_check_output_path_refuses_before_any_work(tmp_path):
+    (tmp_path / "x.nii.gz").mkdir()
+    (tmp_path / "plain.txt").write_text("a file")
+    assert check_output_path(tmp_path / "new" / "deeper" / "q.nii.gz") == tmp_path / "new" / "deeper" / "q.nii.gz"
+    assert not (tmp_path / "new").exists()  # checked, not created
+    for path, message in ((tmp_path / "q.png", "use one of"), (tmp_path / "x.nii.gz", "it is a folder"),
+                          (tmp_path / "plain.txt" / "q.nii.gz", "is a file, not a folder"),
+                          (tmp_path / "q.Nii.gz", "lower case")):
+        with pytest.raises(QSMInputError, match=message):
+            check_output_path(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.txt", "x.nii.gz"]  # no probe file left
+
+
+def test_upper_case_suffix_is_written_in_that_format(tmp_path):
+    path = write_volume(tmp_path / "MAP.NRRD", random_field())
+    assert path.read_bytes()[:4] == b"NRRD"
+    assert np.array_equal(read_volume(path).array, random_field())

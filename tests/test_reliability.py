@@ -334,3 +334,17 @@ def test_error_text_has_no_numpy_reprs(phantom, tmp_path, capsys):
     with pytest.raises(qio.QSMInputError) as error:
         qio.Volume(np.zeros((2, 2, 2)), origin=(np.float64(1.0), np.nan, 0.0))
     assert "np." not in str(error.value) and "(1, nan, 0)" in str(error.value)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["phantom", "out", "--voxel", "nan"], "argument --voxel: --voxel must be positive numbers of mm, got 'nan'"),
+    (["reconstruct", "--field", "f", "--mask", "m", "--out", "q.nii.gz", "--b0-direction", "0,0,0"],
+     "--b0-direction must be a non-zero vector"),
+    (["reconstruct", "--field", "f"], "the following arguments are required: --mask, --out"),
+])
+def test_usage_errors_are_one_line(capsys, args, needle):
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    assert stop.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and needle in lines[0] and lines[0].endswith("--help)")

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import sys
+import typing
 from typing import List, Optional, Sequence
 
 from .errors import MissingDependencyError, QSMInputError, is_out_of_memory
@@ -33,7 +34,10 @@ def _floats(text: str, count: int, name: str) -> tuple:
 
 
 def voxel_arg(text: str) -> tuple:
-    return _floats(text, 3, "--voxel")
+    values = _floats(text, 3, "--voxel")
+    if not all(math.isfinite(v) and v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"--voxel must be positive numbers of mm, got {text!r}")
+    return values
 
 
 def size_arg(text: str) -> tuple:
@@ -44,14 +48,24 @@ def size_arg(text: str) -> tuple:
 
 
 def direction_arg(text: str) -> tuple:
-    return _floats(text, 3, "--b0-direction")
+    values = _floats(text, 3, "--b0-direction")
+    if not all(math.isfinite(v) for v in values) or not any(values):
+        raise argparse.ArgumentTypeError(f"--b0-direction must be a non-zero vector of finite numbers, got {text!r}")
+    return values
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line on stderr (exit status 2), like every other error."""
+
+    def error(self, message: str) -> "typing.NoReturn":
+        self.exit(EXIT_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .solvers import METHODS
     from .units import FIELD_UNITS
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="qsmdip",
         description="Quantitative susceptibility mapping from a local field map by Deep Image Prior, "
                     "with TKD, Tikhonov and total-variation baselines.")
