@@ -164,7 +164,8 @@ def psnr(x: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> float:
 
     The original method reported a PSNR without a definition; ours takes the peak as the largest
     absolute demeaned reference value in the mask and RMSE = sqrt(mean((x - r)^2)) over the mask.
-    ``inf`` for a perfect reconstruction.
+    ``inf`` for a perfect reconstruction; JSON has no infinity, so ``qsmdip evaluate --json`` and the
+    worker's messages write it as ``null`` (not a large finite number, which could pass for a real score).
     """
     return _psnr(*_prepare(x, ref, mask))
 
