@@ -153,3 +153,16 @@ def test_sigterm_cancels_and_keeps_the_last_snapshot(inputs, tmp_path):
     assert final["event"] == "error" and final["kind"] == "cancelled"
     assert os.path.exists(tmp_path / "snapshot.nrrd")
     assert not os.path.exists(tmp_path / "qsm.nrrd")
+
+
+def test_snapshot_dir_gets_numbered_files_each_announced(inputs, tmp_path):
+    """Numbered snapshots (job key snapshot_dir): a GUI can load and delete each while the next is written."""
+    _, paths = inputs
+    snapshots = tmp_path / "snapshots"
+    code, msgs, err = run_worker(job_file(tmp_path, paths, method="tv", snapshot=None, snapshot_dir=str(snapshots),
+                                          snapshot_every=2, settings={"iterations": 4, "alpha": 0.03}))
+    assert code == 0, (msgs, err[-2000:])
+    announced = [m["path"] for m in msgs if m["event"] == "snapshot"]
+    assert [os.path.basename(p) for p in announced] == ["snapshot_00002.nrrd", "snapshot_00004.nrrd"]
+    assert sorted(os.listdir(snapshots)) == sorted(os.path.basename(p) for p in announced)
+    assert not os.path.exists(tmp_path / "snapshot.nrrd")

@@ -6,6 +6,7 @@ settings fields; every user error ends in one line on stderr and exit status 2, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -286,7 +287,8 @@ def cmd_reconstruct(args) -> int:
         result = run_reconstruction(request, Listener())
     except KeyboardInterrupt:
         if _file_identity(args.out) not in (None, before):  # interrupted just after the output appeared
-            os.remove(args.out)
+            with contextlib.suppress(OSError):
+                os.remove(args.out)
         raise
     finally:
         bar.close()

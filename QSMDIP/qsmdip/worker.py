@@ -27,7 +27,8 @@ EXIT_CANCELLED = 5
 #: job-file key -> ReconstructionRequest field
 _JOB_KEYS = {
     "field": "field_path", "mask": "mask_path", "output": "output_path", "reference": "reference_path",
-    "magnitude": "magnitude_path", "snapshot": "snapshot_path", "snapshot_every": "snapshot_every",
+    "magnitude": "magnitude_path", "snapshot": "snapshot_path", "snapshot_dir": "snapshot_dir",
+    "snapshot_every": "snapshot_every",
     "method": "method", "preset": "preset",
     "units": "units", "b0_tesla": "b0_tesla", "te_s": "te_s", "b0_direction_world": "b0_direction_world",
     "device": "device", "settings": "settings",
