@@ -266,7 +266,7 @@ def test_bad_magnitude_is_one_clear_line(small, case, needle, capsys):
 
 def test_help_explains_each_command():
     env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "QSMDIP"))
-    for command in ([], ["phantom"], ["reconstruct"], ["evaluate"], ["demo"]):
+    for command in ([], ["phantom"], ["reconstruct"], ["evaluate"], ["export-dicom"], ["demo"]):
         proc = subprocess.run([sys.executable, "-m", "qsmdip", *command, "--help"], capture_output=True,
                               text=True, env=env, timeout=120)
         assert proc.returncode == 0, proc.stderr
@@ -276,3 +276,48 @@ def test_help_explains_each_command():
     for flag in ("--units", "--b0", "--te", "--reference", "--snapshots", "--every", "--device", "--iterations",
                  "--seed", "--preset", "--method", "--magnitude"):
         assert flag in proc.stdout
+
+
+def test_export_dicom_reads_back_in_ppm_on_the_same_grid(tmp_path, capsys):
+    pytest.importorskip("pydicom")
+    rng = np.random.default_rng(3)
+    chi = rng.normal(0, 0.1, (6, 5, 4))
+    chi[0, 0, 0] = 1.2345
+    angle = np.radians(20)
+    direction = np.array([[1, 0, 0], [0, np.cos(angle), -np.sin(angle)], [0, np.sin(angle), np.cos(angle)]])
+    qsm = str(qio.write_volume(tmp_path / "qsm.nrrd", chi, spacing_mm=(1.0, 1.5, 2.0), origin=(5.0, -3.0, 7.0),
+                               direction=direction))
+    out = tmp_path / "dicom"
+    assert main(["export-dicom", "--qsm", qsm, "--out", str(out), "--description", "QSM test"]) == 0
+    assert "wrote 4 DICOM files" in capsys.readouterr().out
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(out)))
+    image = reader.Execute()
+    back = sitk.GetArrayFromImage(image).transpose(2, 1, 0)
+    assert np.max(np.abs(back - chi)) <= 0.0005 + 1e-7  # within 1 ppb (rounded to whole ppb)
+    np.testing.assert_allclose(image.GetSpacing(), (1.0, 1.5, 2.0), atol=1e-6)
+    np.testing.assert_allclose(image.GetOrigin(), (5.0, -3.0, 7.0), atol=1e-6)
+    np.testing.assert_allclose(np.reshape(image.GetDirection(), (3, 3)), direction, atol=1e-6)
+
+
+def test_export_dicom_bad_input_is_one_line(tmp_path, capsys):
+    pytest.importorskip("pydicom")
+    big = np.zeros((4, 4, 3))
+    big[1, 1, 1] = 40.0  # beyond the +-32.767 ppm of 16-bit ppb
+    qsm = str(qio.write_volume(tmp_path / "big.nii.gz", big))
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "other.dcm").write_text("another series")
+    for args, needle in (
+            (["--qsm", qsm, "--out", str(tmp_path / "a")], "beyond the +-32.767 ppm"),
+            (["--qsm", qsm, "--out", str(used), "--clip"], "is not empty"),
+            (["--qsm", qsm, "--out", str(tmp_path / "b"), "--like", str(tmp_path / "nowhere")],
+             "--like " + str(tmp_path / "nowhere") + ": no such DICOM folder or file"),
+            (["--qsm", str(tmp_path / "missing.nii.gz"), "--out", str(tmp_path / "c")], "no such file")):
+        code, err = run_cli(["export-dicom", *args], capsys)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1 and needle in lines[0], err
+        assert "Traceback" not in err
+    assert not (tmp_path / "b").exists()
+    assert main(["export-dicom", "--qsm", qsm, "--out", str(tmp_path / "clipped"), "--clip"]) == 0
+    assert len(list((tmp_path / "clipped").iterdir())) == 3

@@ -1,4 +1,4 @@
-"""The ``qsmdip`` command line: phantom, reconstruct, evaluate, demo.
+"""The ``qsmdip`` command line: phantom, reconstruct, evaluate, export-dicom, demo.
 
 A thin layer over the library: flags map onto :class:`runner.ReconstructionRequest` and the solvers'
 settings fields; every user error ends in one line on stderr and exit status 2, never a traceback.
@@ -146,6 +146,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--mask", required=True, help="mask (non-zero inside)")
     ev.add_argument("--json", action="store_true",
                     help="print JSON instead of a table (strict JSON: an infinite PSNR, for identical maps, is null)")
+
+    dx = sub.add_parser("export-dicom", help="write a QSM as a DICOM series for PACS (integers in ppb, rescaled to ppm)",
+                        description="Write a QSM (ppm) as an MR DICOM series: 16-bit integers in ppb with a rescale "
+                                    "slope of 0.001 to ppm, a default window of -150..150 ppb, a derived-image "
+                                    "description and the map's geometry. With --like, the patient and study come "
+                                    "from the DICOM series the field was computed from, and the QSM is a new series "
+                                    "of that study.")
+    dx.add_argument("--qsm", required=True, help="QSM to export (ppm; NIfTI, NRRD or MetaImage)")
+    dx.add_argument("--out", required=True, help="new or empty folder for the DICOM files")
+    dx.add_argument("--like", default=None, metavar="DICOM_DIR",
+                    help="DICOM folder (or one file) of the acquisition the field came from")
+    dx.add_argument("--description", default=None, help="series description (default names QSMDIP and its version)")
+    dx.add_argument("--clip", action="store_true",
+                    help="saturate values beyond +-32.767 ppm (16-bit ppb) instead of refusing the map")
 
     dm = sub.add_parser("demo", help="phantom -> TKD and DIP -> metrics table and a PNG of middle slices",
                         description="Make a head phantom, reconstruct it with TKD and DIP, print the metrics "
@@ -347,6 +361,17 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_export_dicom(args) -> int:
+    from .dicom_export import export_qsm_dicom
+
+    if args.like is not None and not os.path.exists(args.like):
+        raise QSMInputError(f"--like {args.like}: no such DICOM folder or file")
+    written = export_qsm_dicom(args.qsm, args.out, like_dicom_dir=args.like, series_description=args.description,
+                               clip=args.clip)
+    print(f"wrote {len(written)} DICOM files (one per slice) to {args.out}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -356,7 +381,8 @@ def cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"phantom": cmd_phantom, "reconstruct": cmd_reconstruct, "evaluate": cmd_evaluate, "demo": cmd_demo}
+COMMANDS = {"phantom": cmd_phantom, "reconstruct": cmd_reconstruct, "evaluate": cmd_evaluate,
+            "export-dicom": cmd_export_dicom, "demo": cmd_demo}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
