@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true",
                     help="print JSON instead of a table (strict JSON: an infinite PSNR, for identical maps, is null)")
 
-    dx = sub.add_parser("export-dicom", help="write a QSM as a DICOM series for PACS (integers in ppb, rescaled to ppm)",
+    dx = sub.add_parser("export-dicom", help="write a QSM as a DICOM series for PACS (integers in ppb, rescale to ppm)",
                         description="Write a QSM (ppm) as an MR DICOM series: 16-bit integers in ppb with a rescale "
                                     "slope of 0.001 to ppm, a default window of -150..150 ppb, a derived-image "
                                     "description and the map's geometry. With --like, the patient and study come "

@@ -296,6 +296,8 @@ def _convert(hint: Any, value: Any) -> Tuple[bool, Any, str]:
         return isinstance(value, str), value, "a text"
     if origin in (tuple, list, collections.abc.Sequence):
         fixed = len(args) if origin is tuple and args and Ellipsis not in args else None
+        if isinstance(value, np.ndarray) and value.ndim == 1:
+            value = value.tolist()
         ok = isinstance(value, (list, tuple)) and all(_is_finite_real(v) for v in value) \
             and (fixed is None or len(value) == fixed) and len(value) > 0
         expected = f"a list of {fixed} finite numbers" if fixed else "a list of finite numbers"
