@@ -1,5 +1,6 @@
 """File IO: axis order, geometry round trips, B0 direction from the file, refusal of unusable files."""
 import math
+import os
 
 import numpy as np
 import pytest
@@ -308,3 +309,9 @@ def test_upper_case_suffix_is_written_in_that_format(tmp_path):
     path = write_volume(tmp_path / "MAP.NRRD", random_field())
     assert path.read_bytes()[:4] == b"NRRD"
     assert np.array_equal(read_volume(path).array, random_field())
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc, a folder nobody may write to")
+def test_check_output_path_refuses_a_folder_that_takes_no_files():
+    with pytest.raises(QSMInputError, match="the folder /proc does not accept new files"):
+        check_output_path("/proc/qsmdip-test/qsm.nii.gz")
