@@ -1,0 +1,84 @@
+"""Echo combination: the total field from the unwrapped phase of every echo.
+
+With the phase offsets removed, the phase grows linearly with TE: phi_n = 2 pi f TE_n. The weighted
+least-squares slope through the origin, with weights |S_n|^2 (the inverse phase-noise variance, since the
+phase noise of an echo is sigma / |S_n|), is
+
+    f [Hz] = sum_n |S_n|^2 TE_n phi_n / (2 pi sum_n |S_n|^2 TE_n^2).
+
+Its standard deviation is sigma / (2 pi sqrt(sum_n |S_n|^2 TE_n^2)), so ``sqrt(sum |S_n|^2 TE_n^2)`` is the
+fit's reliability (what PDF can weight by), and the weighted residual of the fit tells where the phase does
+not follow the model (unwrapping errors, dephasing, noise): the mask's phase-quality test uses it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ..errors import QSMInputError
+from ..units import GAMMA_BAR_MHZ_PER_T
+
+
+@dataclass
+class EchoFit:
+    """The fitted total field and what the fit says about its quality (all [i, j, k])."""
+
+    field_hz: np.ndarray        # float32; 0 outside the mask
+    reliability: np.ndarray     # sqrt(sum |S|^2 TE^2), in magnitude units x s: proportional to 1 / field noise
+    residual_rad: np.ndarray    # magnitude-weighted RMS misfit of the phase (rad); 0 with one echo
+
+
+def fit_field(unwrapped_rad: np.ndarray, magnitude: np.ndarray, echo_times_s: Sequence[float],
+              mask: Optional[np.ndarray] = None, *, intercept: bool = False) -> EchoFit:
+    """Magnitude-weighted linear fit of the unwrapped phase over TE, through the origin (offsets removed).
+
+    With ``intercept`` (two echoes or more) the line has its own offset per voxel: the textbook fit when the
+    offsets were not removed first (it costs noise: the slope of a free line is less certain).
+
+    Args:
+        unwrapped_rad: [echo, i, j, k] unwrapped phase (rad) with the echo-independent offset removed.
+        magnitude: [echo, i, j, k] magnitude of the same echoes (weights).
+        echo_times_s: echo times in seconds.
+        mask: where to fit; ``None`` fits everywhere.
+    """
+    phase = np.asarray(unwrapped_rad, dtype=np.float64)
+    mag = np.asarray(magnitude, dtype=np.float64)
+    tes = np.asarray(echo_times_s, dtype=np.float64).ravel()
+    if phase.ndim != 4 or mag.shape != phase.shape:
+        raise QSMInputError(f"phase and magnitude must both be [echo, i, j, k] of the same shape, "
+                            f"got {phase.shape} and {mag.shape}")
+    if tes.size != phase.shape[0]:
+        raise QSMInputError(f"{phase.shape[0]} echoes but {tes.size} echo times")
+    m = np.ones(phase.shape[1:], bool) if mask is None else np.asarray(mask, dtype=bool)
+    if intercept and tes.size < 2:
+        raise QSMInputError("a fit with an intercept needs two echoes or more")
+    te = tes[:, None, None, None]
+    weight = mag ** 2
+    offset = 0.0
+    if intercept:
+        total = np.maximum(np.sum(weight, axis=0), 1e-30)
+        te_mean = np.sum(weight * te, axis=0) / total
+        phase_mean = np.sum(weight * phase, axis=0) / total
+        denominator = np.sum(weight * (te - te_mean) ** 2, axis=0)
+        slope = np.sum(weight * (te - te_mean) * (phase - phase_mean), axis=0) / np.maximum(denominator, 1e-30)
+        offset = (phase_mean - slope * te_mean)[None]
+    else:
+        denominator = np.sum(weight * te ** 2, axis=0)
+        slope = np.sum(weight * te * phase, axis=0) / np.maximum(denominator, 1e-30)   # rad/s
+    field_hz = np.where(m, slope / (2 * np.pi), 0.0)
+    residual = np.zeros(m.shape)
+    if tes.size > 1 + int(intercept):
+        misfit = weight * (phase - offset - slope[None] * te) ** 2
+        residual = np.sqrt(np.sum(misfit, axis=0) / np.maximum(np.sum(weight, axis=0), 1e-30))
+    return EchoFit(field_hz=field_hz.astype(np.float32),
+                   reliability=np.where(m, np.sqrt(denominator), 0.0).astype(np.float32),
+                   residual_rad=np.where(m, residual, 0.0).astype(np.float32))
+
+
+def hz_to_ppm(field_hz: np.ndarray, b0_tesla: float) -> np.ndarray:
+    """A field in Hz to ppm of B0: ppm = Hz / (gamma_bar [MHz/T] * B0 [T])."""
+    if not (np.isfinite(b0_tesla) and 0 < b0_tesla <= 30):
+        raise QSMInputError(f"B0 must be a plausible field strength in tesla, got {b0_tesla}")
+    return (np.asarray(field_hz, dtype=np.float64) / (GAMMA_BAR_MHZ_PER_T * b0_tesla)).astype(np.float32)
