@@ -1,0 +1,247 @@
+"""Phase to local field: input scaling and checks, echo fit, mask, files, and the whole chain on a simulated
+whole-head acquisition (4 mm, so it stays fast)."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+from qsmdip.errors import QSMInputError
+from qsmdip.io import Volume
+from qsmdip.metrics import nrmse
+from qsmdip.phase import files
+from qsmdip.phase.echo_fit import fit_field, hz_to_ppm
+from qsmdip.phase.inputs import check_b0, check_echo_times, looks_swapped, phase_to_radians
+from qsmdip.phase.masking import ball, mask_from_magnitude, otsu_threshold
+from qsmdip.phase.pipeline import STAGES, TEXTBOOK, PipelineCancelled, PipelineSettings, phase_to_local_field
+from qsmdip.units import GAMMA_BAR_MHZ_PER_T
+
+VS = (4.0, 4.0, 4.0)
+
+
+@pytest.fixture(scope="module")
+def acq():
+    pytest.importorskip("nilearn")
+    from qsmdip.realistic_acquisition import make_realistic_acquisition
+    return make_realistic_acquisition(voxel_size_mm=VS, snr=100.0, seed=2)
+
+
+def run(acq, phase=None, **settings):
+    return phase_to_local_field(acq.phase_rad if phase is None else phase, acq.magnitude, acq.echo_times_s,
+                                acq.b0_tesla, acq.voxel_size_mm, b0_dir=acq.b0_dir,
+                                settings=PipelineSettings(**settings))
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+def test_phase_scaling_radians_and_vendor_ranges():
+    rng = np.random.default_rng(0)
+    rad = rng.uniform(-np.pi, np.pi, (2, 5, 5, 5)).astype(np.float32)
+    assert phase_to_radians(rad).scaling == "radians"
+    assert np.array_equal(phase_to_radians(rad).phase_rad, rad)
+    assert phase_to_radians(rad + np.pi).scaling == "radians 0..2pi"
+    siemens = np.round(rad / np.pi * 4096).clip(-4096, 4095)
+    scaled = phase_to_radians(siemens)
+    assert scaled.scaling == "integers -4096..4095" and "rescaled" in scaled.notes[0]
+    assert np.abs(np.angle(np.exp(1j * (scaled.phase_rad - rad)))).max() < 2 * np.pi / 8192 + 1e-6
+    unsigned = phase_to_radians(siemens + 4096)     # 0..8191 stored unsigned: a constant shift only
+    difference = np.angle(np.exp(1j * (unsigned.phase_rad - scaled.phase_rad)))
+    assert np.ptp(difference) < 1e-5
+    twelve_bit = phase_to_radians(np.round((rad + np.pi) / (2 * np.pi) * 4095))
+    assert twelve_bit.scaling == "integers 0..4095"
+
+
+@pytest.mark.parametrize("values, match", [
+    (np.linspace(-180, 180, 250), "neither radians"),             # degrees
+    (np.linspace(0, 1, 250), "spans only|neither"),               # a field-like map in 0..1? spans 1 rad: radians
+    (np.linspace(-0.1, 0.1, 250), "spans only"),                  # a field map in ppm
+    (np.array([np.nan, 0.0, 1.0]), "NaN"),
+    (np.array([1 + 1j, 0.0]), "complex"),
+])
+def test_unknown_phase_ranges_are_refused(values, match):
+    if match == "spans only|neither":
+        assert phase_to_radians(values).scaling == "radians"   # 0..1 rad is a plausible (small) phase
+        return
+    with pytest.raises(QSMInputError, match=match):
+        phase_to_radians(values)
+
+
+def test_echo_times_and_b0_checks():
+    assert check_echo_times([0.004, 0.012], 2) == (0.004, 0.012)
+    for tes, echoes, match in [(None, 2, "missing"), ([0.01, 0.005], 2, "increase"), ([0.01, 0.01], 2, "increase"),
+                               ([4.0, 12.0], 2, "milliseconds"), ([0.004], 2, "2 echoes but 1"),
+                               ([-0.001, 0.01], 2, "positive")]:
+        with pytest.raises(QSMInputError, match=match):
+            check_echo_times(tes, echoes)
+    assert check_b0(3) == 3.0
+    for b0, match in [(None, "missing"), (float("nan"), "plausible"), (3000, "plausible")]:
+        with pytest.raises(QSMInputError, match=match):
+            check_b0(b0)
+
+
+def test_swapped_phase_and_magnitude_are_detected(acq):
+    assert not looks_swapped(acq.phase_rad, acq.magnitude)
+    assert looks_swapped(acq.magnitude, acq.phase_rad + np.pi)      # 0..2pi "magnitude": no negative value
+    with pytest.raises(QSMInputError, match="swapped"):
+        phase_to_local_field(acq.magnitude, acq.phase_rad, acq.echo_times_s, 3.0, VS)
+    # a radian phase given as the magnitude has negative values: also named as a swap
+    with pytest.raises(QSMInputError, match="swapped"):
+        phase_to_local_field(acq.phase_rad, acq.phase_rad, acq.echo_times_s, 3.0, VS)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(magnitude=lambda a: a.magnitude[:3]), "shape"),
+    (dict(echo_times_s=lambda a: a.echo_times_s[:3]), "4 echoes but 3"),
+    (dict(echo_times_s=lambda a: a.echo_times_s[::-1]), "increase"),
+    (dict(echo_times_s=lambda a: None), "echo times are missing"),
+    (dict(b0_tesla=lambda a: None), "field strength is missing"),
+    (dict(mask=lambda a: np.zeros(a.shape, bool)), "empty"),
+    (dict(mask=lambda a: np.ones((3, 3, 3), bool)), "shape"),
+])
+def test_bad_pipeline_inputs_fail_in_one_line(acq, change, match):
+    args = dict(phase=acq.phase_rad, magnitude=acq.magnitude, echo_times_s=acq.echo_times_s,
+                b0_tesla=acq.b0_tesla, voxel_size_mm=VS, mask=None)
+    for key, make in change.items():
+        args[key] = make(acq)
+    with pytest.raises(QSMInputError, match=match) as info:
+        phase_to_local_field(**args)
+    assert "\n" not in str(info.value)
+
+
+# -------------------------------------------------------------------------------------------- echo fit
+
+def test_echo_fit_recovers_the_frequency_and_flags_misfit():
+    tes = (0.004, 0.012, 0.020)
+    f_hz = np.full((1, 4, 4, 4), 37.5)
+    f_hz[0, 0, 0, 0] = -80.0
+    phase = 2 * np.pi * f_hz * np.array(tes)[:, None, None, None]
+    mag = np.ones_like(phase) * np.array([3.0, 2.0, 1.0])[:, None, None, None]
+    fit = fit_field(phase, mag, tes)
+    assert np.allclose(fit.field_hz, f_hz[0], atol=1e-4)
+    assert fit.residual_rad.max() < 1e-6
+    # with an offset, the line through the origin misfits; a free intercept recovers the slope exactly
+    fit_offset = fit_field(phase + 0.7, mag, tes)
+    assert fit_offset.residual_rad.min() > 0.05
+    assert np.allclose(fit_field(phase + 0.7, mag, tes, intercept=True).field_hz, f_hz[0], atol=1e-3)
+    # weights: the reliability grows with the magnitude and the echo times
+    assert np.allclose(fit.reliability, math.sqrt(sum((m * t) ** 2 for m, t in zip((3, 2, 1), tes))))
+    assert hz_to_ppm(np.array([GAMMA_BAR_MHZ_PER_T * 3.0]), 3.0)[0] == pytest.approx(1.0)
+    with pytest.raises(QSMInputError, match="two echoes"):
+        fit_field(phase[:1], mag[:1], tes[:1], intercept=True)
+
+
+# ------------------------------------------------------------------------------------------------ mask
+
+def test_mask_from_magnitude_keeps_the_brain(acq):
+    result = mask_from_magnitude(acq.magnitude, VS)
+    brain = acq.brain_mask
+    assert (result.mask & brain).sum() / brain.sum() > 0.98
+    assert (result.mask & ~acq.head_mask).sum() < 0.08 * result.mask.sum()   # 4 mm: the skull is 1.5 voxels
+    rng = np.random.default_rng(1)
+    two_classes = np.r_[rng.normal(0.0, 0.1, 5000), rng.normal(1.0, 0.1, 5000)]
+    assert otsu_threshold(two_classes) == pytest.approx(0.5, abs=0.05)
+    assert ball(4.0, (2.0, 2.0, 4.0)).shape == (5, 5, 3)
+
+
+def test_mask_refinement_drops_noisy_edge_voxels_only():
+    magnitude = np.zeros((20, 20, 20))
+    magnitude[4:16, 4:16, 4:16] = 1.0
+    residual = np.zeros_like(magnitude)
+    residual[4, 4:16, 4:16] = 1.0          # a noisy face of the cube
+    residual[10, 10, 10] = 1.0             # an inner voxel with a bad fit (kept: the inversion needs it)
+    result = mask_from_magnitude(magnitude, (1.0, 1.0, 1.0), residual_rad=residual, threshold=0.5, opening_mm=1.0)
+    assert not result.mask[4, 5:15, 5:15].any()
+    assert result.mask[10, 10, 10] and result.mask[5:15, 5:15, 5:15].all()
+    assert result.removed_by_quality >= 100
+
+
+# ----------------------------------------------------------------------------------------------- files
+
+def test_bids_and_4d_files_round_trip(acq, tmp_path):
+    grid = Volume(np.zeros(acq.shape), VS)
+    phases, mags = files.write_multi_echo(tmp_path / "bids", acq.phase_rad, acq.magnitude, grid, acq.echo_times_s,
+                                          3.0, phase_scale="siemens")
+    read = files.read_multi_echo([phases[2]])          # any echo of the set finds its siblings and the magnitude
+    assert [p.name for p in read.phase_paths] == [p.name for p in phases]
+    assert read.echo_times_s == pytest.approx(acq.echo_times_s) and read.b0_tesla == 3.0
+    assert read.phase.shape == acq.phase_rad.shape and read.magnitude is not None
+    assert phase_to_radians(read.phase).scaling == "integers -4096..4095"
+    four_d = files.write_multi_echo(tmp_path / "4d", acq.phase_rad, acq.magnitude, grid, acq.echo_times_s, 3.0,
+                                    layout="4d")
+    read4 = files.read_multi_echo(four_d[0], four_d[1])
+    assert np.allclose(read4.phase, acq.phase_rad, atol=1e-6) and read4.echo_times_s == pytest.approx(acq.echo_times_s)
+    # per-echo 3D files given one by one, in order, without sidecars
+    for p in phases + mags:
+        files.sidecar_path(p).unlink()
+    loose = files.read_multi_echo(phases, mags)
+    assert loose.echo_times_s is None and loose.b0_tesla is None and loose.phase.shape[0] == 4
+    assert files.merge_acquisition_parameters(loose, acq.echo_times_s, 3.0) == (tuple(acq.echo_times_s), 3.0)
+
+
+def test_file_errors(acq, tmp_path):
+    grid = Volume(np.zeros(acq.shape), VS)
+    phases, mags = files.write_multi_echo(tmp_path, acq.phase_rad, acq.magnitude, grid, acq.echo_times_s, 3.0)
+    read = files.read_multi_echo([phases[0]])
+    with pytest.raises(QSMInputError, match="disagree"):
+        files.merge_acquisition_parameters(read, (0.005, 0.01, 0.015, 0.02), None)
+    with pytest.raises(QSMInputError, match="disagrees"):
+        files.merge_acquisition_parameters(read, None, 7.0)
+    with pytest.raises(QSMInputError, match="magnitude has 3"):
+        files.read_multi_echo([phases[0]], mags[:3])
+    phases[1].unlink()
+    with pytest.raises(QSMInputError, match="missing"):
+        files.read_multi_echo([phases[0]])
+    files.sidecar_path(phases[2]).write_text("{not json")
+    with pytest.raises(QSMInputError, match="does not exist"):
+        files.read_multi_echo([tmp_path / "nothing.nii.gz"])
+    other = Volume(np.zeros(acq.shape), (4.0, 4.0, 5.0))
+    odd = files.write_multi_echo(tmp_path / "odd", acq.phase_rad[:1], acq.magnitude[:1], other, acq.echo_times_s[:1],
+                                 3.0, layout="4d")
+    with pytest.raises(QSMInputError, match="differ"):
+        files.read_multi_echo([phases[0], odd[0][0]])
+    assert json.loads(files.sidecar_path(mags[0]).read_text())["EchoTime"] == acq.echo_times_s[0]
+
+
+# ---------------------------------------------------------------------------------------- whole chain
+
+def test_the_chain_recovers_the_local_field_better_than_the_textbook(acq):
+    from qsmdip.realistic_acquisition import true_local_field
+    seen = []
+    ours = phase_to_local_field(acq.phase_rad, acq.magnitude, acq.echo_times_s, acq.b0_tesla, VS, b0_dir=acq.b0_dir,
+                                settings=PipelineSettings(background="vsharp"), on_stage=lambda r: seen.append(r.name))
+    assert seen == list(STAGES)
+    assert set(ours.seconds) == set(STAGES) and ours.notes
+    textbook = run(acq, **TEXTBOOK, refine_mask=False)
+    error_ours = nrmse(ours.local_field_ppm, true_local_field(acq, ours.mask), ours.mask)
+    error_textbook = nrmse(textbook.local_field_ppm, true_local_field(acq, textbook.mask), textbook.mask)
+    assert error_ours < 0.7 * error_textbook and error_ours < 50.0
+    # the mask is the brain's: nothing outside the head, most of the brain
+    assert not ours.mask[~acq.head_mask].any()
+    assert (ours.mask & acq.brain_mask).sum() > 0.6 * acq.brain_mask.sum()    # 4 mm voxels: edges weigh a lot
+    assert np.all(ours.local_field_ppm[~ours.mask] == 0)
+
+
+def test_vendor_integers_and_a_single_echo(acq):
+    reference = run(acq, background="vsharp")
+    siemens = np.clip(np.round(acq.phase_rad / np.pi * 4096), -4096, 4095)
+    scaled = run(acq, phase=siemens, background="vsharp")
+    assert "rescaled" in scaled.stages[0].notes[0]
+    both = reference.mask & scaled.mask
+    assert nrmse(scaled.local_field_ppm, reference.local_field_ppm, both) < 5.0
+    single = phase_to_local_field(acq.phase_rad[1], acq.magnitude[1], acq.echo_times_s[1:2], acq.b0_tesla, VS,
+                                  b0_dir=acq.b0_dir, settings=PipelineSettings(background="vsharp"))
+    assert any("single echo" in note for note in single.notes)
+    from qsmdip.realistic_acquisition import true_local_field
+    # the offset cannot be removed from one echo and stays in the field (about 0.2 ppm here): worse, not garbage
+    assert nrmse(single.local_field_ppm, true_local_field(acq, single.mask), single.mask) < 150.0
+
+
+def test_user_mask_is_used_as_given_and_cancel_stops(acq):
+    result = phase_to_local_field(acq.phase_rad, acq.magnitude, acq.echo_times_s, acq.b0_tesla, VS,
+                                  mask=acq.brain_mask, settings=PipelineSettings(background="pdf"))
+    assert np.array_equal(result.field_mask, acq.brain_mask) and np.array_equal(result.mask, acq.brain_mask)
+    with pytest.raises(PipelineCancelled, match="unwrap"):
+        phase_to_local_field(acq.phase_rad, acq.magnitude, acq.echo_times_s, acq.b0_tesla, VS,
+                             on_stage=lambda report: report.name == "unwrap")
+    with pytest.raises(QSMInputError, match="unknown unwrapping"):
+        PipelineSettings(unwrap="magic")
