@@ -1,7 +1,9 @@
-"""The ``qsmdip`` command line: phantom, reconstruct, evaluate, export-dicom, demo.
+"""The ``qsmdip`` command line: phantom, field, reconstruct, evaluate, export-dicom, demo.
 
-A thin layer over the library: flags map onto :class:`runner.ReconstructionRequest` and the solvers'
-settings fields; every user error ends in one line on stderr and exit status 2, never a traceback.
+A thin layer over the library: flags map onto :class:`runner.ReconstructionRequest`,
+:class:`field_runner.FieldRequest` and the solvers' and pipeline's settings fields; every user error ends
+in one line on stderr and exit status 2, never a traceback. The phase part (``field`` and
+``reconstruct --phase``) lives in :mod:`qsmdip.cli_field`.
 """
 from __future__ import annotations
 
@@ -63,6 +65,7 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .cli_field import add_phase_arguments
     from .solvers import METHODS
     from .units import FIELD_UNITS
 
@@ -105,11 +108,31 @@ def build_parser() -> argparse.ArgumentParser:
     ph.add_argument("--te", type=float, default=None, help="echo time in seconds (for --units rad)")
     ph.add_argument("--format", choices=("nii.gz", "nrrd"), default="nii.gz", help="file format (default nii.gz)")
 
-    rc = sub.add_parser("reconstruct", help="reconstruct a QSM from a local field map and a mask",
-                        description="Reconstruct a susceptibility map (ppm) with the geometry of the field.")
-    rc.add_argument("--field", required=True, help="local field map (NIfTI or NRRD)")
-    rc.add_argument("--mask", required=True, help="brain mask (non-zero inside)")
-    rc.add_argument("--out", required=True, help="output QSM file (ppm, float32)")
+    fd = sub.add_parser("field", help="multi-echo GRE phase and magnitude -> local field (ppm) and its mask",
+                        description="Make the local field (ppm) from multi-echo GRE phase and magnitude: phase "
+                                    "scaling, phase offsets, unwrapping, magnitude-weighted echo fit, mask, "
+                                    "background-field removal. Each stage's seconds and notes go to stderr. The "
+                                    "outputs lie on the phase's grid and are written only when every stage succeeded.")
+    add_phase_arguments(fd, reconstruct=False)
+    fd.add_argument("--magnitude", nargs="+", default=None, metavar="M",
+                    help="GRE magnitude in the phase's layout (default: the BIDS part-mag files beside the phase)")
+    fd.add_argument("--b0", type=float, default=None,
+                    help="field strength in tesla (default: MagneticFieldStrength of the JSON sidecars)")
+    fd.add_argument("--mask", default=None, metavar="USER_MASK",
+                    help="your own brain mask on the phase's grid (default: made from the magnitude and refined "
+                         "by phase quality)")
+    fd.add_argument("--b0-direction", type=direction_arg, default=None, metavar="X,Y,Z",
+                    help="main-field direction in the files' world frame (LPS); default: the scanner's superior axis")
+
+    rc = sub.add_parser("reconstruct", help="reconstruct a QSM from a local field map and a mask, or from the phase",
+                        description="Reconstruct a susceptibility map (ppm) with the geometry of the field. With "
+                                    "--phase (instead of --field) the local field and its mask are made first from "
+                                    "the multi-echo phase and --magnitude, whose root sum of squares then serves DIP "
+                                    "as its prior.")
+    rc.add_argument("--field", default=None, help="local field map (NIfTI or NRRD); or give --phase")
+    rc.add_argument("--mask", default=None,
+                    help="brain mask (non-zero inside); required with --field, optional with --phase")
+    rc.add_argument("--out", default=None, help="output QSM file (ppm, float32); required")
     rc.add_argument("--method", choices=METHODS, default="dip",
                     help="dip (default), or the classical tkd, tikhonov, tv")
     rc.add_argument("--preset", default=None,
@@ -123,9 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="main-field direction in the file's world frame (LPS); default: the scanner's "
                          "superior axis, so B0 follows the image's direction matrix")
     rc.add_argument("--reference", default=None, help="known susceptibility to score against (ppm)")
-    rc.add_argument("--magnitude", default=None,
+    rc.add_argument("--magnitude", nargs="+", default=None, metavar="M",
                     help="GRE magnitude on the field's grid, optional; 4D = echoes, combined by root sum of "
-                         "squares; used by DIP as an anatomical prior")
+                         "squares; used by DIP as an anatomical prior. With --phase: the magnitude echoes in the "
+                         "phase's layout")
     rc.add_argument("--snapshots", default=None, metavar="DIR", help="write the estimate every --every iterations here")
     rc.add_argument("--every", type=int, default=10, metavar="K", help="snapshot / progress interval (default 10)")
     rc.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, mps")
@@ -138,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                     help="override any setting of the method, e.g. --set learning_rate=0.002 (repeatable)")
     rc.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_phase_arguments(rc, reconstruct=True)
+    rc.set_defaults(subparser=rc)  # so that its own rules are reported under its name (cli_field)
 
     ev = sub.add_parser("evaluate", help="score a QSM against a reference (QSM-challenge metrics)",
                         description="NRMSE %%, HFEN %%, SSIM, XSIM, PSNR and Pearson correlation inside the mask.")
@@ -270,6 +296,7 @@ class ProgressBar:
 
 
 def cmd_reconstruct(args) -> int:
+    from .cli_field import reconstruct_from_phase
     from .runner import ReconstructionRequest, RunListener, run_reconstruction
 
     overrides = _parse_overrides(args.set)
@@ -283,29 +310,38 @@ def cmd_reconstruct(args) -> int:
         for flag in ("iterations", "seed", "max_seconds"):
             if flag in overrides:
                 raise QSMInputError(f"--{flag.replace('_', '-')} does not apply to the closed-form method {args.method}")
+    from_phase = bool(args.phase)
     request = ReconstructionRequest(
-        field_path=args.field, mask_path=args.mask, output_path=args.out, method=args.method, preset=args.preset,
-        units=args.units, b0_tesla=args.b0, te_s=args.te, b0_direction_world=args.b0_direction,
-        reference_path=args.reference, magnitude_path=args.magnitude, snapshot_dir=args.snapshots,
-        snapshot_every=args.every, device=args.device, settings=overrides)
+        field_path=args.field or "", mask_path=args.mask or "", output_path=args.out, method=args.method,
+        preset=args.preset, units=args.units, b0_tesla=None if from_phase else args.b0, te_s=args.te,
+        b0_direction_world=args.b0_direction, reference_path=args.reference,
+        magnitude_path=args.magnitude[0] if args.magnitude and not from_phase else None,
+        snapshot_dir=args.snapshots, snapshot_every=args.every, device=args.device, settings=overrides)
     bar = ProgressBar(enabled=not args.no_progress)
 
     class Listener(RunListener):
         started = staticmethod(bar.started)
         progress = staticmethod(bar.progress)
 
-    # Ctrl-C stops at once (KeyboardInterrupt, exit status 130 in main) and leaves no file at --out, so a
-    # script cannot mistake an interrupted run for a finished one; complete snapshots are kept.
-    before = _file_identity(args.out)
+    def run(req: ReconstructionRequest):
+        try:
+            return run_reconstruction(req, Listener())
+        finally:
+            bar.close()
+
+    # Ctrl-C stops at once (KeyboardInterrupt, exit status 130 in main) and leaves no file at --out (nor at
+    # --out-field, --out-mask, --total-field), so a script cannot mistake an interrupted run for a finished
+    # one; complete snapshots are kept.
+    outputs = [args.out] + [p for p in (args.out_field, args.out_mask, args.total_field) if p]
+    before = {path: _file_identity(path) for path in outputs}
     try:
-        result = run_reconstruction(request, Listener())
+        result = reconstruct_from_phase(args, request, run) if from_phase else run(request)
     except KeyboardInterrupt:
-        if _file_identity(args.out) not in (None, before):  # interrupted just after the output appeared
-            with contextlib.suppress(OSError):
-                os.remove(args.out)
+        for path in outputs:
+            if _file_identity(path) not in (None, before[path]):  # interrupted just after it appeared
+                with contextlib.suppress(OSError):
+                    os.remove(path)
         raise
-    finally:
-        bar.close()
     print(f"{args.method}: {result.stop_reason} after {result.iterations} iterations in "
           f"{result.elapsed_s:.1f} s on {result.device}; wrote {result.output_path}")
     for name in ("alpha", "lambda_"):
@@ -381,13 +417,23 @@ def cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"phantom": cmd_phantom, "reconstruct": cmd_reconstruct, "evaluate": cmd_evaluate,
+def cmd_field(args) -> int:
+    from .cli_field import cmd_field as run_field_command
+
+    return run_field_command(args)
+
+
+COMMANDS = {"phantom": cmd_phantom, "field": cmd_field, "reconstruct": cmd_reconstruct, "evaluate": cmd_evaluate,
             "export-dicom": cmd_export_dicom, "demo": cmd_demo}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from .cli_field import check_reconstruct_arguments
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "reconstruct":
+        check_reconstruct_arguments(args.subparser, args)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         return COMMANDS[args.command](args)
