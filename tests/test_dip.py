@@ -175,6 +175,28 @@ def test_time_limit_stops_early_and_reports_the_last_state(tiny_case):
     assert [p.iteration for p in seen] == [r.iterations]
 
 
+def test_time_limit_is_not_overshot_by_a_slow_iteration(tiny_case):
+    """Iterations of 0.3 s (a slow callback stands in for a big volume): the run ends before the limit
+    instead of one iteration after it."""
+    import time
+    from qsmdip.solvers.base import Stopwatch
+    chi, mask, field = tiny_case
+    ends = []
+
+    def slow(progress):
+        time.sleep(0.5)
+        ends.append(progress.elapsed_s + 0.5)
+
+    r = solve_dip(field, mask, VOXEL_MM, settings=dip_settings(**{**TINY, "iterations": 1000, "max_seconds": 2.5}),
+                  callback=slow, callback_every=1, device="cpu")
+    assert r.stop_reason == "time_limit" and r.iterations == len(ends)
+    if ends[0] < 2.5 - 0.5:      # the set-up left room for iterations (not so on a very busy machine)
+        # half an iteration of slack for a busy machine; the old rule ended up to a whole one late
+        assert r.elapsed_s < 2.5 + 0.25 and r.iterations >= 2
+    clock = Stopwatch(10.0)
+    assert not clock.expired() and clock.expired(next_step_s=10.0) and not Stopwatch(None).expired(1e9)
+
+
 @pytest.mark.parametrize("overrides", [
     dict(input="field", data_loss="l2", regulariser="tv"),
     dict(input="noise", noise_channels=3, data_loss="l1", regulariser="none"),

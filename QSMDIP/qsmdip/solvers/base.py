@@ -68,8 +68,10 @@ class Stopwatch:
     def elapsed_s(self) -> float:
         return time.perf_counter() - self.start
 
-    def expired(self) -> bool:
-        return self.max_seconds is not None and self.elapsed_s >= self.max_seconds
+    def expired(self, next_step_s: float = 0.0) -> bool:
+        """True once the limit has passed, or when a next step of ``next_step_s`` would end past it (so a
+        loop of slow iterations stops before the limit instead of one iteration after it)."""
+        return self.max_seconds is not None and self.elapsed_s + next_step_s >= self.max_seconds
 
 
 def check_inputs(field_ppm: np.ndarray, mask: np.ndarray) -> tuple:

@@ -385,7 +385,15 @@ def solve_dip(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[f
     estimate = base
     average: Optional[torch.Tensor] = None
     iteration = 0
+    loop_start = clock.elapsed_s
     for iteration in range(1, settings.iterations + 1):
+        if iteration > 1 and clock.expired((clock.elapsed_s - loop_start) / (iteration - 1)):
+            # the next iteration would end past the limit (its mean time, callbacks included): stop now
+            iteration -= 1
+            stop_reason = "time_limit"
+            if callback is not None and iteration % callback_every != 0:
+                callback(Progress(iteration, settings.iterations, history[-1], clock.elapsed_s, to_ppm(estimate)))
+            break
         optimiser.zero_grad(set_to_none=True)
         chi = (base + network_output()) * maskf
         residual = (op(chi) - field_t) * maskf
