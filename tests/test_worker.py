@@ -61,7 +61,7 @@ def test_tv_job_streams_progress_snapshots_and_done(inputs, tmp_path):
     assert code == 0, err
     events = [m["event"] for m in msgs]
     assert events[0] == "started" and events[-1] == "done"
-    assert all(m["protocol"] == 1 for m in msgs)
+    assert all(m["protocol"] == 2 for m in msgs)   # version 1 jobs are still accepted; messages speak 2
     assert [m["iteration"] for m in msgs if m["event"] == "progress"] == [2, 4]
     snaps = [m for m in msgs if m["event"] == "snapshot"]
     assert [s["iteration"] for s in snaps] == [2, 4]
@@ -166,3 +166,114 @@ def test_snapshot_dir_gets_numbered_files_each_announced(inputs, tmp_path):
     assert [os.path.basename(p) for p in announced] == ["snapshot_00002.nrrd", "snapshot_00004.nrrd"]
     assert sorted(os.listdir(snapshots)) == sorted(os.path.basename(p) for p in announced)
     assert not os.path.exists(tmp_path / "snapshot.nrrd")
+
+
+# -- jobs from the phase (protocol 2) ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def gre(tmp_path_factory):
+    import gre_data
+
+    d = tmp_path_factory.mktemp("gre")
+    phase, magnitude = gre_data.write_set(d / "bids")
+    return {"phase": [str(p) for p in phase], "magnitude": [str(p) for p in magnitude],
+            "grid": gre_data.acquisition()[1]}
+
+
+def phase_job(tmp_path, gre, **overrides):
+    job = {"protocol": 2, "phase": gre["phase"][:1], "out_field": str(tmp_path / "field.nrrd"),
+           "out_mask": str(tmp_path / "mask.nrrd"), "stage_dir": str(tmp_path / "stages"), "device": None}
+    job.update(overrides)
+    job = {k: v for k, v in job.items() if v is not None}
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps(job))
+    return str(path)
+
+
+def test_phase_job_reports_every_stage_with_its_display_volumes(gre, tmp_path):
+    code, msgs, err = run_worker(phase_job(tmp_path, gre, magnitude=gre["magnitude"],
+                                           out_total_field=str(tmp_path / "total.nrrd")))
+    assert code == 0, (msgs, err[-2000:])
+    stages = [m for m in msgs if m["event"] == "stage"]
+    assert [s["name"] for s in stages] == ["inputs", "mask", "offsets", "unwrap", "echo fit", "mask refinement",
+                                           "background"]
+    assert [s["index"] for s in stages] == list(range(7)) and {s["count"] for s in stages} == {7}
+    assert all(s["seconds"] >= 0 and isinstance(s["notes"], list) for s in stages)
+    assert "echo times from the sidecars: 0.004, 0.012, 0.02, 0.028 s" in stages[0]["notes"]
+    shown = {s["name"]: sorted(s["volumes"]) for s in stages}
+    assert shown == {"inputs": [], "mask": ["mask"], "offsets": [], "unwrap": [], "echo fit": ["total_field"],
+                     "mask refinement": ["mask"], "background": ["local_field", "mask"]}
+    for s in stages:
+        for path in s["volumes"].values():
+            assert os.path.dirname(path) == str(tmp_path / "stages")
+            assert qio.read_volume(path).same_geometry(gre["grid"])
+    done = msgs[-1]
+    assert done["event"] == "done" and done["path"] == str(tmp_path / "field.nrrd") and done["iterations"] == 0
+    assert done["field_outputs"] == {"local_field": str(tmp_path / "field.nrrd"), "mask": str(tmp_path / "mask.nrrd"),
+                                     "total_field": str(tmp_path / "total.nrrd")}
+    shown_local = qio.read_volume(stages[-1]["volumes"]["local_field"]).array
+    np.testing.assert_array_equal(qio.read_volume(done["path"]).array, shown_local)
+    np.testing.assert_array_equal(qio.read_volume(done["field_outputs"]["mask"]).array,
+                                  qio.read_volume(stages[-1]["volumes"]["mask"]).array)
+
+
+def test_phase_job_goes_on_into_the_reconstruction(gre, tmp_path):
+    code, msgs, err = run_worker(phase_job(tmp_path, gre, output=str(tmp_path / "qsm.nrrd"), method="tkd",
+                                           device="cpu", stage_dir=None, out_mask=None))
+    assert code == 0, (msgs, err[-2000:])
+    events = [m["event"] for m in msgs]
+    assert events[:8] == ["stage"] * 7 + ["started"] and events[-1] == "done"
+    assert all(m["volumes"] == {} for m in msgs[:7])   # no stage_dir: nothing written for display
+    done = msgs[-1]
+    assert done["path"] == str(tmp_path / "qsm.nrrd") and qio.read_volume(done["path"]).same_geometry(gre["grid"])
+    assert done["field_outputs"] == {"local_field": str(tmp_path / "field.nrrd")}
+    assert not (tmp_path / "mask.nrrd").exists()
+
+
+def test_cancel_between_stages_writes_no_output(gre, tmp_path):
+    job = phase_job(tmp_path, gre)
+    proc = subprocess.Popen([sys.executable, "-m", "qsmdip.worker", job], stdout=subprocess.PIPE, text=True, env=ENV)
+    first = messages(proc.stdout.readline())
+    assert first and first[0]["event"] == "stage" and first[0]["name"] == "inputs", first
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=120)
+    final = messages(rest)[-1]
+    assert proc.returncode == 5, rest
+    assert final["kind"] == "cancelled" and final["message"].startswith("cancelled after the ")
+    assert len([m for m in messages(rest) if m["event"] == "stage"]) < 6
+    assert not (tmp_path / "field.nrrd").exists() and not (tmp_path / "mask.nrrd").exists()
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"phase": 3}, "job key phase=3 is invalid: it must be a path or a list of paths"),
+    ({"magnitude": ["a", 2]}, 'job key magnitude=["a", 2] is invalid'),
+    ({"echo_times_s": "0.004"}, "job key echo_times_s='0.004' is invalid"),
+    ({"b0_tesla": "3"}, "job key b0_tesla='3' is invalid: it must be a finite number"),
+    ({"pipeline": {"unwrap": "romeo"}}, "unknown unwrapping method 'romeo'"),
+    ({"pipeline": {"nope": 1}}, "unknown pipeline settings: nope"),
+    ({"pipeline": {"refine_mask": "yes"}}, "pipeline setting refine_mask='yes' is invalid"),
+    ({"protocol": 1}, "a job with phase needs protocol 2"),
+    ({"units": "hz"}, "job keys units do not apply to a job with phase"),
+    ({"field": "f.nrrd"}, "job keys field do not apply to a job with phase"),
+    ({"method": "tv"}, "job keys method configure a reconstruction: give output too"),
+    ({"out_field": None}, "the job has no out_field"),
+])
+def test_bad_phase_jobs_are_input_errors(gre, tmp_path, change, needle):
+    from qsmdip.errors import QSMInputError
+    from qsmdip.field_runner import run_field
+    from qsmdip.worker import parse_job
+
+    job = json.loads(open(phase_job(tmp_path, gre)).read())
+    job.update(change)
+    job = {k: v for k, v in job.items() if v is not None}
+    with pytest.raises(QSMInputError) as error:
+        parsed = parse_job(job)
+        run_field(parsed.field_request)   # settings are checked before any file is read
+    assert needle in str(error.value)
+    assert not (tmp_path / "field.nrrd").exists()
+
+
+def test_bad_phase_job_ends_with_exit_2(gre, tmp_path):
+    code, msgs, _ = run_worker(phase_job(tmp_path, gre, phase=[str(tmp_path / "nope.nii.gz")]))
+    assert code == 2 and msgs[-1]["kind"] == "input" and "nope.nii.gz does not exist" in msgs[-1]["message"], msgs
+    assert [m["event"] for m in msgs] == ["error"]
+    assert not (tmp_path / "field.nrrd").exists()

@@ -18,7 +18,7 @@ import numpy as np
 
 from qsmdip.errors import QSMInputError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 #: panel label -> job value
 METHODS = {"DIP": "dip", "TKD": "tkd", "Tikhonov": "tikhonov", "TV": "tv"}

@@ -26,7 +26,7 @@ from typing import Deque, Dict, List, Mapping, Optional, Sequence
 
 from .i18n import _
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 #: worker exit status -> outcome (docs/WORKER_PROTOCOL.md)
 EXIT_KINDS = {0: "done", 1: "internal", 2: "input", 3: "out_of_memory", 4: "missing_dependency", 5: "cancelled"}

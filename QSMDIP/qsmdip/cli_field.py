@@ -11,8 +11,7 @@ import argparse
 import math
 import os
 import sys
-import tempfile
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Optional
 
 from .errors import QSMInputError
 
@@ -118,9 +117,13 @@ def _run_field(args: argparse.Namespace, request) -> Any:
         stage = staticmethod(printer.stage)
 
     result = run_field(request, Listener())
-    b0 = ", ".join(f"{float(v):.3f}" for v in result.b0_dir_voxel)
-    print(f"{args.command}: B0 direction in the voxel frame (i, j, k): ({b0})", file=sys.stderr)
+    _print_b0(args.command, result)
     return result
+
+
+def _print_b0(command: str, result: Any) -> None:
+    b0 = ", ".join(f"{float(v):.3f}" for v in result.b0_dir_voxel)
+    print(f"{command}: B0 direction in the voxel frame (i, j, k): ({b0})", file=sys.stderr)
 
 
 def cmd_field(args: argparse.Namespace) -> int:
@@ -135,55 +138,21 @@ def cmd_field(args: argparse.Namespace) -> int:
 
 
 def reconstruct_from_phase(args: argparse.Namespace, request, run: Callable[[Any], Any]) -> Any:
-    """``qsmdip reconstruct --phase``: the field stage, then ``run(request)`` on its local field and mask.
+    """``qsmdip reconstruct --phase``: the field stage, then ``run(request)`` on its local field and mask
+    (:func:`~qsmdip.field_runner.run_field_and_reconstruction`: the echoes' root sum of squares is the prior,
+    and --out-field, --out-mask and --total-field are written only after the QSM)."""
+    from .field_runner import FieldListener, run_field_and_reconstruction
 
-    The reconstruction gets the echoes' root-sum-of-squares magnitude as its prior. Every output (the QSM,
-    and --out-field, --out-mask, --total-field when asked for) is checked before any work; the kept
-    intermediates are written only after the reconstruction has written the QSM.
-    """
-    import dataclasses
+    printer = StagePrinter(args.command)
 
-    from . import io as qio
-    from .field_runner import check_field_request, refuse_overwrite, write_outputs
-    from .runner import _make_settings, check_request
+    class Listener(FieldListener):
+        stage = staticmethod(printer.stage)
 
-    kept = {"local field": args.out_field, "mask": args.out_mask, "total field": args.total_field}
-    kept = {role: path for role, path in kept.items() if path}
-    with tempfile.TemporaryDirectory(prefix="qsmdip-phase-") as work:
-        paths = {name: os.path.join(work, f"{name}.nii") for name in ("field", "mask", "magnitude")}
-        field_req = field_request(args, paths["field"], paths["mask"], None)
-        recon_req = dataclasses.replace(request, field_path=paths["field"], mask_path=paths["mask"],
-                                        magnitude_path=paths["magnitude"])
-        _check_kept(kept, args.out, field_req)
-        check_field_request(field_req)
-        check_request(recon_req)
-        _make_settings(recon_req)  # a bad --set fails now, not after the field stage
-        field = _run_field(args, field_req)
-        for role, path in [("QSM", args.out)] + list(kept.items()):
-            refuse_overwrite(role, path, field.input_files)
-        arrays = {"local field": field.result.local_field_ppm, "mask": field.result.mask.astype("float32"),
-                  "total field": field.result.total_field_ppm}
-        for name, array in (("field", arrays["local field"]), ("mask", arrays["mask"]),
-                            ("magnitude", field.result.magnitude)):
-            qio.write_volume(paths[name], array, like=field.grid)
-        result = run(recon_req)
-        if result.output_path:
-            written = write_outputs({path: arrays[role] for role, path in kept.items()}, field.grid)
-            for role, path in kept.items():
-                if path in written:
-                    print(f"{args.command}: kept the {role}: {path}", file=sys.stderr)
+    keep = {"local field": args.out_field, "mask": args.out_mask, "total field": args.total_field}
+    field, result = run_field_and_reconstruction(field_request(args, "", "", None), request,
+                                                 {role: path for role, path in keep.items() if path},
+                                                 listener=Listener(), run=run)
+    _print_b0(args.command, field)
+    for role, path in field.written.items():
+        print(f"{args.command}: kept the {role}: {path}", file=sys.stderr)
     return result
-
-
-def _check_kept(kept: Dict[str, str], qsm_path: str, field_req) -> None:
-    """The kept intermediates: writable, distinct from each other and from the QSM, and not an input."""
-    from . import io as qio
-    from .field_runner import input_paths, refuse_overwrite, same_file
-
-    outputs: List[tuple] = [("QSM", qsm_path)] + list(kept.items())
-    for n, (role, path) in enumerate(outputs):
-        for other_role, other in outputs[:n]:
-            if same_file(path, other):
-                raise QSMInputError(f"the {role} and {other_role} outputs are both {path}: give each its own file")
-        refuse_overwrite(role, path, input_paths(field_req))
-        qio.check_output_path(path)

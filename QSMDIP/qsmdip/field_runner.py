@@ -15,10 +15,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -29,12 +30,17 @@ from .phase.files import merge_acquisition_parameters, read_multi_echo
 from .phase.pipeline import STAGES, FieldResult, PipelineCancelled, PipelineSettings, StageReport, phase_to_local_field
 from .validation import binarise_mask, check_types
 
+if TYPE_CHECKING:
+    from .runner import ReconstructionRequest, RunResult
+
 __all__ = ["FieldRequest", "FieldListener", "FieldRunResult", "PipelineCancelled", "check_field_request",
-           "run_field", "write_outputs", "DISPLAY_VOLUMES"]
+           "run_field", "run_field_and_reconstruction", "write_outputs", "DISPLAY_VOLUMES"]
 
 #: Stage outputs written to ``stage_dir`` for display -> the name they are announced under.
 DISPLAY_VOLUMES = {"total_field_ppm": "total_field", "mask": "mask", "local_field_ppm": "local_field"}
 _STAGE_FILE = re.compile(r"stage\d+-[a-z_]+\.nrrd")
+#: the outputs of a run, by role (messages and ``keep`` use these names)
+_ROLES = ("local field", "mask", "total field")
 
 
 @dataclass
@@ -156,11 +162,64 @@ def run_field(request: FieldRequest, listener: Optional[FieldListener] = None) -
 
     result = phase_to_local_field(files.phase, files.magnitude, tes, b0, grid.spacing_mm, b0_dir=b0_dir, mask=mask,
                                   settings=settings, on_stage=on_stage)
-    arrays = {"local field": result.local_field_ppm, "mask": result.mask.astype(np.float32),
-              "total field": result.total_field_ppm}
+    arrays = _arrays(result)
     written = write_outputs({outputs[role]: arrays[role] for role in outputs}, grid)
     return FieldRunResult(result, grid, {role: outputs[role] for role in outputs if outputs[role] in written},
                           b0_dir, tuple(tes), float(b0), read)
+
+
+def run_field_and_reconstruction(request: FieldRequest, reconstruction: "ReconstructionRequest",
+                                 keep: Dict[str, str], *, listener: Optional[FieldListener] = None,
+                                 run: Optional[Callable[["ReconstructionRequest"], "RunResult"]] = None,
+                                 ) -> Tuple[FieldRunResult, "RunResult"]:
+    """The field stage, then a reconstruction of its local field inside its mask, with the echoes'
+    root-sum-of-squares magnitude as the prior (``qsmdip reconstruct --phase``, the worker's phase jobs).
+
+    ``request``'s outputs and ``reconstruction``'s field, mask and magnitude are replaced by files in a
+    temporary folder. ``keep`` maps roles ("local field", "mask", "total field") to files the caller wants
+    too; they are written only once the reconstruction has written its QSM, so a failure or a cancel
+    leaves none of them. Every output (the QSM, snapshots, ``keep``) and every setting of both steps is
+    checked before the first stage. ``run`` runs the reconstruction (default :func:`run_reconstruction`).
+    """
+    from .runner import _make_settings, check_request, run_reconstruction
+
+    unknown = sorted(set(keep) - set(_ROLES))
+    if unknown:
+        raise QSMInputError(f"unknown outputs to keep: {', '.join(unknown)} (known: {', '.join(_ROLES)})")
+    run = run or run_reconstruction
+    with tempfile.TemporaryDirectory(prefix="qsmdip-phase-") as work:
+        paths = {name: os.path.join(work, f"{name}.nii") for name in ("field", "mask", "magnitude")}
+        field_request = dataclasses.replace(request, field_output_path=paths["field"], mask_output_path=paths["mask"],
+                                            total_field_output_path=None)
+        reconstruction = dataclasses.replace(reconstruction, field_path=paths["field"], mask_path=paths["mask"],
+                                             magnitude_path=paths["magnitude"])
+        outputs = [("QSM", reconstruction.output_path)] + [(role, path) for role, path in keep.items() if path]
+        for n, (role, path) in enumerate(outputs):
+            for other_role, other in outputs[:n]:
+                if same_file(path, other):
+                    raise QSMInputError(f"the {role} and {other_role} outputs are both {path}: give each its own file")
+            refuse_overwrite(role, path, input_paths(request))
+            qio.check_output_path(path)
+        check_field_request(field_request)
+        check_request(reconstruction)
+        _make_settings(reconstruction)  # a bad setting fails now, not after the field stage
+        field_run = run_field(field_request, listener)
+        for role, path in outputs:
+            refuse_overwrite(role, path, field_run.input_files)
+        qio.write_volume(paths["magnitude"], field_run.result.magnitude, like=field_run.grid)
+        result = run(reconstruction)
+        if result.output_path:
+            arrays = _arrays(field_run.result)
+            written = write_outputs({path: arrays[role] for role, path in keep.items() if path}, field_run.grid)
+            field_run.written = {role: path for role, path in keep.items() if path in written}
+        else:
+            field_run.written = {}
+    return field_run, result
+
+
+def _arrays(result: FieldResult) -> Dict[str, np.ndarray]:
+    return {"local field": result.local_field_ppm, "mask": result.mask.astype(np.float32),
+            "total field": result.total_field_ppm}
 
 
 def _pipeline_settings(overrides: Dict[str, Any]) -> PipelineSettings:
@@ -192,8 +251,7 @@ def input_paths(request: FieldRequest) -> List[str]:
 
 
 def _output_paths(request: FieldRequest) -> Dict[str, str]:
-    outputs = {"local field": request.field_output_path, "mask": request.mask_output_path,
-               "total field": request.total_field_output_path}
+    outputs = dict(zip(_ROLES, (request.field_output_path, request.mask_output_path, request.total_field_output_path)))
     return {role: str(path) for role, path in outputs.items() if path}
 
 
