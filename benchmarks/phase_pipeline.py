@@ -35,6 +35,7 @@ from qsmdip.solvers import get_solver  # noqa: E402
 
 CHAINS = {
     "textbook (Laplacian, linear fit, V-SHARP)": dict(**TEXTBOOK, refine_mask=False, mask_erosion_voxels=0),
+    "textbook stages on our mask": dict(**TEXTBOOK),
     "ours, PDF": dict(background="pdf"),
     "ours, V-SHARP": dict(background="vsharp"),
 }
