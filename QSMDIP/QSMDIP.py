@@ -37,13 +37,17 @@ except ImportError:  # Slicer before 5.6 has no translation functions: keep the 
 
 from QSMDIPLib.compare import compare_nodes, metric_table_rows, metrics_for_nodes
 from QSMDIPLib.dicom import dicom_source_file, export_node_dicom
+from QSMDIPLib.echoes import echo_set, format_ms
 from QSMDIPLib.example import ExampleDataJob, load_example, panel_selection
+from QSMDIPLib.gre import GreSession, gre_options_from_panel
 from QSMDIPLib.job import options_from_panel
 from QSMDIPLib.session import ReconstructionSession
 from QSMDIPLib.torch_check import TorchProbe, torch_install_job
+from qsmdip.errors import QSMInputError
 
 DOCUMENTATION_URL = "https://github.com/qsmdip/SlicerQSMDIP#readme"
 COMPARE_LAYOUT_ID = 50731  # arbitrary id for the custom side-by-side layout
+GRE_MODE = "Multi-echo GRE (phase + magnitude)"
 
 
 class QSMDIP(ScriptedLoadableModule):
@@ -56,7 +60,10 @@ class QSMDIP(ScriptedLoadableModule):
         self.parent.helpText = _(
             "Reconstruct a quantitative susceptibility map (ppm) from a local field map and a brain mask by"
             " Deep Image Prior, with TKD, Tikhonov and total variation as quick previews. An optional GRE"
-            " magnitude on the field's grid serves DIP as an anatomical prior. The solver runs in"
+            " magnitude on the field's grid serves DIP as an anatomical prior. Or start from the scanner's"
+            " multi-echo GRE phase and magnitude (a Sequence or MultiVolume node, or one volume per echo, as the"
+            " DICOM module loads them): the total field, the mask and the local field appear as each stage"
+            " finishes, then the QSM. The solver runs in"
             " a background process; the output volume is updated live. 'Load example data' makes a small"
             " head phantom to try it on; 'Export DICOM' writes the result for PACS. Needs PyTorch, which the"
             " panel can install.<br>See the <a href=\"{url}\">documentation</a>.").format(url=DOCUMENTATION_URL)
@@ -70,6 +77,7 @@ class QSMDIPParameterNode:
     referenceVolume: vtkMRMLScalarVolumeNode
     magnitudeVolume: vtkMRMLScalarVolumeNode
     outputVolume: vtkMRMLScalarVolumeNode
+    inputMode: Annotated[str, Choice(["Local field", "Multi-echo GRE (phase + magnitude)"])] = "Local field"
     fieldUnits: Annotated[str, Choice(["ppm", "Hz", "rad"])] = "ppm"
     # The spin boxes' decimals are set in the .ui (a Decimals annotation would only log "Unused annotations").
     b0Tesla: Annotated[float, WithinRange(0.1, 21.0)] = 3.0
@@ -81,6 +89,8 @@ class QSMDIPParameterNode:
     updateInterval: Annotated[int, WithinRange(1, 10000)] = 10
     seed: Annotated[int, WithinRange(0, 2147483647)] = 0
     device: Annotated[str, Choice(["auto", "GPU", "CPU"])] = "auto"
+    unwrapMethod: Annotated[str, Choice(["region-growing", "laplacian"])] = "region-growing"
+    backgroundMethod: Annotated[str, Choice(["pdf", "vsharp"])] = "pdf"
 
 
 class QSMDIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -96,6 +106,8 @@ class QSMDIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.torchInstall = None
         self._afterTorchCheck = None  # what to do once the running torch check has answered
         self.timer = None
+        self._stageVolumesShown = 0
+        self._filledEchoTimes = ""  # the echo times last filled in from the DICOM (replaced when the echoes change)
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -116,6 +128,10 @@ class QSMDIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.installTorchButton.clicked.connect(self.onInstallTorchButton)
         self.ui.exampleButton.clicked.connect(self.onExampleButton)
         self.ui.exportDicomButton.clicked.connect(self.onExportDicomButton)
+        # The echo selectors are checkable combo boxes (one node, or one volume per echo): given the scene here.
+        for selector in (self.ui.phaseEchoesSelector, self.ui.magnitudeEchoesSelector):
+            selector.setMRMLScene(slicer.mrmlScene)
+            selector.connect("checkedNodesChanged()", self.onEchoesChanged)
         self.ui.installTorchButton.visible = False
         self._showMetrics(None)
         self.initializeParameterNode()
@@ -177,14 +193,29 @@ class QSMDIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if p is None:
             return
         running = self._running()
-        self.ui.b0SpinBox.enabled = p.fieldUnits in ("Hz", "rad")
+        gre = p.inputMode == GRE_MODE
+        for widget in (self.ui.fieldLabel, self.ui.fieldVolumeSelector, self.ui.magnitudeLabel,
+                       self.ui.magnitudeVolumeSelector, self.ui.fieldUnitsLabel, self.ui.fieldUnitsComboBox,
+                       self.ui.echoTimeLabel, self.ui.echoTimeSpinBox):
+            widget.visible = not gre
+        for widget in (self.ui.phaseEchoesLabel, self.ui.phaseEchoesSelector, self.ui.magnitudeEchoesLabel,
+                       self.ui.magnitudeEchoesSelector, self.ui.echoTimesLabel, self.ui.echoTimesLineEdit,
+                       self.ui.echoInfoLabel, self.ui.unwrapLabel, self.ui.unwrapComboBox, self.ui.backgroundLabel,
+                       self.ui.backgroundComboBox):
+            widget.visible = gre
+        self.ui.maskLabel.text = _("Mask (optional):") if gre else _("Mask:")
+        self.ui.b0SpinBox.enabled = gre or p.fieldUnits in ("Hz", "rad")
         self.ui.echoTimeSpinBox.enabled = p.fieldUnits == "rad"
         for widget in (self.ui.iterationsSpinBox, self.ui.learningRateSpinBox, self.ui.widthSpinBox, self.ui.seedSpinBox):
             widget.enabled = p.method == "DIP"  # the quick previews run with their own defaults
         for widget in (self.ui.inputsCollapsibleButton, self.ui.methodCollapsibleButton, self.ui.outputVolumeSelector):
             widget.enabled = not running
         self.ui.applyButton.text = _("Cancel") if running else _("Apply")
-        self.ui.applyButton.enabled = running or bool(p.fieldVolume and p.maskVolume)
+        if gre:
+            ready = bool(self.ui.phaseEchoesSelector.checkedNodes() and self.ui.magnitudeEchoesSelector.checkedNodes())
+        else:
+            ready = bool(p.fieldVolume and p.maskVolume)
+        self.ui.applyButton.enabled = running or ready
         self.ui.compareButton.enabled = bool(p.referenceVolume and p.outputVolume and p.maskVolume)
         self.ui.exampleButton.enabled = not running and self.exampleJob is None
         self.ui.exportDicomButton.enabled = not running and bool(p.outputVolume and p.outputVolume.GetImageData())
@@ -240,9 +271,43 @@ class QSMDIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._whenTorchReady(self._startReconstruction)
 
+    def onEchoesChanged(self) -> None:
+        """Show what the chosen echoes hold; fill in the echo times and B0 that the DICOM gives."""
+        p = self._parameterNode
+        if p is None:
+            return
+        phaseNodes = self.ui.phaseEchoesSelector.checkedNodes()
+        self.ui.echoInfoLabel.text = ""
+        if phaseNodes:
+            try:
+                echoes = self.logic.describeEchoes(phaseNodes, "phase")
+            except QSMInputError as error:  # the selection cannot be used: say why
+                self.ui.echoInfoLabel.text = str(error)
+            else:
+                if echoes.echo_times_s and self.ui.echoTimesLineEdit.text in ("", self._filledEchoTimes):
+                    self._filledEchoTimes = format_ms(echoes.echo_times_s)
+                    self.ui.echoTimesLineEdit.text = self._filledEchoTimes
+                if echoes.b0_tesla:
+                    p.b0Tesla = echoes.b0_tesla
+                lines = [_("{count} echoes ({source})").format(count=echoes.echoes, source=echoes.source)]
+                lines += echoes.notes
+                if echoes.b0_tesla:
+                    lines.append(_("B0 {b0} T from the DICOM").format(b0=f"{echoes.b0_tesla:g}"))
+                elif not echoes.echo_times_s:
+                    lines.append(_("Type the echo times in ms and check B0."))
+                self.ui.echoInfoLabel.text = "\n".join(lines)
+        self._updateEnabledWidgets()
+
     def _startReconstruction(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to start the reconstruction."), waitCursor=True):
-            self.session = self.logic.startReconstruction(self._parameterNode)
+            p = self._parameterNode
+            if p.inputMode == GRE_MODE:
+                self.session = self.logic.startGreReconstruction(
+                    p, self.ui.phaseEchoesSelector.checkedNodes(), self.ui.magnitudeEchoesSelector.checkedNodes(),
+                    self.ui.echoTimesLineEdit.text)
+            else:
+                self.session = self.logic.startReconstruction(p)
+            self._stageVolumesShown = 0
             self._sessionReported = False
             self._parameterNode.outputVolume = self.session.output_node
             self._showMetrics(None)
@@ -254,6 +319,7 @@ class QSMDIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return False
         firstSnapshot = self.session.state.snapshots_loaded == 0
         state = self.session.poll()
+        self._showStageVolumes()
         if firstSnapshot and state.snapshots_loaded > 0:
             slicer.util.setSliceViewerLayers(background=self.session.output_node, fit=True)
         self.ui.progressBar.value = state.progress_percent()
@@ -269,6 +335,17 @@ class QSMDIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 _("Reconstruction failed ({kind}): {message}").format(kind=state.error_kind, message=state.message),
                 detailedText="\n".join(worker.log_tail(40)) if worker else "")
         return not state.finished
+
+    def _showStageVolumes(self) -> None:
+        """Show the newest field of a run from the phase, with its mask as the label layer."""
+        shown = getattr(self.session, "shown", [])
+        if len(shown) == self._stageVolumesShown or self.session.state.snapshots_loaded:
+            return
+        fields = [node for node in shown if not node.IsA("vtkMRMLLabelMapVolumeNode")]
+        mask = self.session.stage_nodes.get("mask")
+        slicer.util.setSliceViewerLayers(background=fields[-1] if fields else None, label=mask,
+                                         fit=self._stageVolumesShown == 0)
+        self._stageVolumesShown = len(shown)
 
     def _stopSession(self) -> None:
         if self.session is not None:
@@ -450,6 +527,32 @@ class QSMDIPLogic(ScriptedLoadableModuleLogic):
             module_dir=self.moduleDir(), reference_node=p.referenceVolume, magnitude_node=p.magnitudeVolume,
             output_node=p.outputVolume,
             env=self.workerEnvironment(), temp_root=slicer.app.temporaryPath)
+        session.start()
+        logging.info(f"QSMDIP worker: {' '.join(session.worker.command) if session.worker else 'not started'}")
+        return session
+
+    @staticmethod
+    def dicomInstanceValue():
+        """``instanceValue(uid, tag)`` of Slicer's DICOM database, or None without one."""
+        database = getattr(slicer, "dicomDatabase", None)
+        return database.instanceValue if database is not None else None
+
+    def describeEchoes(self, nodes, role: str):
+        """The echoes (and the echo times and B0 that the DICOM gives) of the chosen nodes."""
+        return echo_set(list(nodes), role, self.dicomInstanceValue())
+
+    def startGreReconstruction(self, p: QSMDIPParameterNode, phaseNodes, magnitudeNodes,
+                               echoTimesMs: str) -> GreSession:
+        """Start phase -> local field -> QSM in the background; poll the returned session."""
+        phase = self.describeEchoes(phaseNodes, "phase")
+        magnitude = self.describeEchoes(magnitudeNodes, "magnitude")
+        gre = gre_options_from_panel(echoTimesMs, p.b0Tesla, p.unwrapMethod, p.backgroundMethod, phase, magnitude)
+        options = options_from_panel(p.method, "ppm", p.b0Tesla, p.echoTimeS, p.device, p.updateInterval,
+                                     p.iterations, p.learningRate, p.width, p.seed)
+        session = GreSession(
+            slicer.mrmlScene, phase, magnitude, gre, options, python_command=self.pythonCommand(),
+            module_dir=self.moduleDir(), mask_node=p.maskVolume, reference_node=p.referenceVolume,
+            output_node=p.outputVolume, env=self.workerEnvironment(), temp_root=slicer.app.temporaryPath)
         session.start()
         logging.info(f"QSMDIP worker: {' '.join(session.worker.command) if session.worker else 'not started'}")
         return session

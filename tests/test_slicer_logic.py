@@ -820,3 +820,353 @@ def test_node_exports_as_a_dicom_series_on_its_own_grid(scene, volumes, phantom,
     empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "nothing yet")
     with pytest.raises(QSMInputError, match="'nothing yet' holds no image data"):
         export_node_dicom(empty, str(tmp_path))
+
+
+# -- multi-echo GRE input (phase + magnitude) ----------------------------------------------------------
+# slicer-core has vtkMRMLSequenceNode, so Sequence inputs are tested for real. It has no MultiVolume node
+# (that class comes with Slicer's MultiVolumeImporter module): a MultiVolume is a scalar volume node whose
+# voxels have one component per frame, so the tests build exactly that on a vtkMRMLScalarVolumeNode with
+# the importer's attributes, and the same code path (components -> echoes, attributes -> echo times) runs.
+ECHO_TIMES_MS = (4.0, 12.0, 20.0, 28.0)
+
+
+def gre_matrix() -> np.ndarray:
+    """IJKToRAS of the simulated acquisition's grid (tests/gre_data.py, LPS) in Slicer's RAS."""
+    import gre_data
+
+    _, grid = gre_data.acquisition()
+    m = np.eye(4)
+    m[:3, :3] = LPS @ grid.direction @ np.diag(grid.spacing_mm)
+    m[:3, 3] = LPS @ np.array(grid.origin)
+    return m
+
+
+def set_matrix(node, matrix) -> None:
+    vm = vtk.vtkMatrix4x4()
+    for r, row in enumerate(matrix):
+        for c, value in enumerate(row):
+            vm.SetElement(r, c, value)
+    node.SetIJKToRASMatrix(vm)
+
+
+def loose_volume(array_ijk, matrix, name="echo"):
+    """A scalar volume node outside any scene (what a Sequence deep-copies in)."""
+    node = slicer.vtkMRMLScalarVolumeNode()
+    node.SetName(name)
+    slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(np.asarray(array_ijk).transpose(2, 1, 0)))
+    set_matrix(node, matrix)
+    return node
+
+
+def sequence_node(scene, name, echoes_ijk, matrix, *, index_name="", unit="", values=None, attributes=None):
+    """A Sequence of one volume per echo, as Slicer's DICOM module loads a multi-echo series."""
+    sequence = scene.AddNewNodeByClass("vtkMRMLSequenceNode", name)
+    sequence.SetIndexName(index_name)
+    sequence.SetIndexUnit(unit)
+    for n, echo in enumerate(echoes_ijk):
+        sequence.SetDataNodeAtValue(loose_volume(echo, matrix, f"{name} {n}"), values[n] if values else str(n))
+    for key, value in (attributes or {}).items():
+        sequence.SetAttribute(key, value)
+    return sequence
+
+
+def multivolume_node(scene, name, echoes_ijk, matrix, attributes=None):
+    """A MultiVolume as the importer makes it: one component per frame (here on a scalar volume node)."""
+    from vtk.util import numpy_support
+
+    stacked = np.stack([np.asarray(e, np.float32).transpose(2, 1, 0) for e in echoes_ijk], axis=-1)  # [k, j, i, echo]
+    image = vtk.vtkImageData()
+    image.SetDimensions(stacked.shape[2], stacked.shape[1], stacked.shape[0])
+    scalars = numpy_support.numpy_to_vtk(np.ascontiguousarray(stacked).reshape(-1, stacked.shape[-1]), deep=True,
+                                         array_type=vtk.VTK_FLOAT)
+    image.GetPointData().SetScalars(scalars)
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    node.SetAndObserveImageData(image)
+    set_matrix(node, matrix)
+    for key, value in (attributes or {}).items():
+        node.SetAttribute(key, value)
+    return node
+
+
+def multivolume_fingerprint(node):
+    """What would change if a multi-component input node were modified (its voxels, grid, name, image)."""
+    from vtk.util import numpy_support
+
+    image = node.GetImageData()
+    return (node.GetName(), image.GetMTime(), numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).tobytes(),
+            node_matrix(node).tobytes())
+
+
+def echo_attributes(labels="4,12,20,28", tag="EchoTime", units="ms"):
+    return {"MultiVolume.FrameIdentifyingDICOMTagName": tag, "MultiVolume.FrameLabels": labels,
+            "MultiVolume.FrameIdentifyingDICOMTagUnits": units, "MultiVolume.NumberOfFrames": "4"}
+
+
+@pytest.fixture(scope="module")
+def gre_arrays():
+    import gre_data
+
+    acq, _ = gre_data.acquisition()
+    return acq.phase_rad, acq.magnitude
+
+
+def test_multivolume_attributes_give_the_echoes_and_their_times(scene, gre_arrays):
+    from QSMDIPLib.echoes import echo_set
+
+    phase, _ = gre_arrays
+    node = multivolume_node(scene, "GRE phase", phase, gre_matrix(), echo_attributes())
+    echoes = echo_set([node], "phase")
+    assert (echoes.source, echoes.echoes, echoes.name) == ("multivolume", 4, "GRE phase")
+    assert echoes.echo_times_s == pytest.approx([t / 1000 for t in ECHO_TIMES_MS])
+    assert "echo times 4, 12, 20, 28 ms from the MultiVolume attributes of 'GRE phase'" in echoes.notes
+    for n, frame in enumerate(echoes.volumes):
+        np.testing.assert_array_equal(node_ijk(frame), phase[n])
+        np.testing.assert_allclose(node_matrix(frame), gre_matrix(), atol=1e-9)
+    assert echoes.grid_node is node and scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 1
+    # frames identified by another tag, or labels that do not fit: no echo times (the panel asks for them)
+    other = multivolume_node(scene, "by trigger", phase, gre_matrix(), echo_attributes(tag="TriggerTime"))
+    assert echo_set([other], "phase").echo_times_s is None
+    short = echo_set([multivolume_node(scene, "short", phase, gre_matrix(), echo_attributes("4,12,20"))], "phase")
+    assert short.echo_times_s is None and "list 3 echo times for 4 echoes: not used" in short.notes[0]
+    seconds = multivolume_node(scene, "in s", phase, gre_matrix(), echo_attributes("0.004,0.012,0.02,0.028", units="s"))
+    assert echo_set([seconds], "phase").echo_times_s == pytest.approx([0.004, 0.012, 0.02, 0.028])
+
+
+def test_sequence_echo_times_from_attributes_or_an_echo_time_index(scene, gre_arrays):
+    from QSMDIPLib.echoes import echo_set, resolve_echo_times
+
+    phase, _ = gre_arrays
+    imported = sequence_node(scene, "imported", phase, gre_matrix(), attributes=echo_attributes())
+    echoes = echo_set([imported], "phase")
+    assert echoes.source == "sequence" and echoes.echoes == 4
+    assert echoes.echo_times_s == pytest.approx([0.004, 0.012, 0.02, 0.028])
+    for n, volume in enumerate(echoes.volumes):
+        np.testing.assert_array_equal(node_ijk(volume), phase[n])
+    indexed = sequence_node(scene, "indexed", phase, gre_matrix(), index_name="EchoTime", unit="ms",
+                            values=["4", "12", "20", "28"])
+    assert echo_set([indexed], "phase").echo_times_s == pytest.approx([0.004, 0.012, 0.02, 0.028])
+    # a Sequence's default index (time in s, values 0, 1, ...) is not an echo time
+    plain = sequence_node(scene, "plain", phase, gre_matrix(), index_name="time", unit="s")
+    unknown = echo_set([plain], "phase")
+    assert unknown.echo_times_s is None
+    with pytest.raises(QSMInputError, match="the echo times of 'plain' are not in what Slicer kept of the DICOM"):
+        resolve_echo_times(None, unknown)
+    assert resolve_echo_times((0.004, 0.012, 0.02, 0.028), unknown)[1] == "echo times as typed (ms, converted to s)"
+    with pytest.raises(QSMInputError, match=r"typed \(5, 12, 20, 28 ms\) disagree with the DICOM's"):
+        resolve_echo_times((0.005, 0.012, 0.02, 0.028), echoes)
+    with pytest.raises(QSMInputError, match="the phase has 4 echoes but 3 echo times"):
+        resolve_echo_times((0.004, 0.012, 0.02), unknown)
+
+
+def test_one_volume_per_echo_is_ordered_by_its_dicom_echo_time(scene, gre_arrays):
+    from QSMDIPLib.echoes import echo_set
+
+    phase, _ = gre_arrays
+    # what Slicer's DICOM database answers for each volume's first instance (tag -> value, as text)
+    database = {}
+    nodes = []
+    for n in (2, 0, 3, 1):   # chosen out of order
+        node = add_volume(scene, "vtkMRMLScalarVolumeNode", f"phase echo {n + 1}", phase[n], gre_matrix())
+        node.SetAttribute("DICOM.instanceUIDs", f"1.2.3.{n} 1.2.3.{n}.1")
+        database[(f"1.2.3.{n}", "0018,0081")] = f"{ECHO_TIMES_MS[n]:g}"
+        database[(f"1.2.3.{n}", "0018,0087")] = "2.89"
+        nodes.append(node)
+    echoes = echo_set(nodes, "phase", lambda uid, tag: database.get((uid, tag), ""))
+    assert [v.GetName() for v in echoes.volumes] == [f"phase echo {n}" for n in (1, 2, 3, 4)]
+    assert echoes.echo_times_s == pytest.approx([0.004, 0.012, 0.02, 0.028]) and echoes.b0_tesla == 2.89
+    assert "phase volumes put in echo order by their DICOM echo times" in echoes.notes
+    assert echoes.name == "phase echo"
+    # no DICOM database: the order chosen, and no echo times
+    plain = echo_set(nodes, "phase")
+    assert plain.volumes == nodes and plain.echo_times_s is None and plain.b0_tesla is None
+    assert "phase volumes taken in the order chosen (no DICOM echo times)" in plain.notes
+
+
+def test_echo_selection_and_typed_echo_times_are_checked(scene, gre_arrays):
+    from QSMDIPLib.echoes import echo_set, format_ms, parse_echo_times_ms
+
+    phase, _ = gre_arrays
+    assert parse_echo_times_ms("4.9, 9.8 14.7") == pytest.approx((0.0049, 0.0098, 0.0147))
+    assert parse_echo_times_ms("  ") is None and format_ms((0.0049, 0.0098)) == "4.9, 9.8"
+    with pytest.raises(QSMInputError, match="look like seconds: type them in milliseconds"):
+        parse_echo_times_ms("0.004, 0.012")
+    with pytest.raises(QSMInputError, match="milliseconds separated by commas"):
+        parse_echo_times_ms("4.9, nine")
+    with pytest.raises(QSMInputError, match="no phase selected"):
+        echo_set([], "phase")
+    sequence = sequence_node(scene, "seq", phase, gre_matrix())
+    volume = add_volume(scene, "vtkMRMLScalarVolumeNode", "vol", phase[0], gre_matrix())
+    with pytest.raises(QSMInputError, match="choose one Sequence node for the phase, or volumes only"):
+        echo_set([sequence, volume], "phase")
+    label = add_volume(scene, "vtkMRMLLabelMapVolumeNode", "labels", (phase[0] > 0).astype(np.uint8), gre_matrix())
+    with pytest.raises(QSMInputError, match="'labels' is a label map"):
+        echo_set([label], "magnitude")
+    multi = multivolume_node(scene, "multi", phase, gre_matrix())
+    with pytest.raises(QSMInputError, match="'multi' has 4 components per voxel"):
+        echo_set([multi, volume], "phase")
+
+
+def test_gre_job_writes_every_echo_on_the_phase_grid_and_the_worker_accepts_it(scene, gre_arrays, temp_root):
+    import gre_data
+    from qsmdip.worker import PhaseJob
+
+    from QSMDIPLib.echoes import echo_set
+    from QSMDIPLib.gre import gre_options_from_panel, prepare_gre_job
+
+    phase, magnitude = gre_arrays
+    _, grid = gre_data.acquisition()
+    phase_node = sequence_node(scene, "phase", phase, gre_matrix(), attributes=echo_attributes())
+    magnitude_node = multivolume_node(scene, "magnitude", magnitude, gre_matrix(), echo_attributes())
+    mask = add_volume(scene, "vtkMRMLLabelMapVolumeNode", "mask", (magnitude[0] > 0.2).astype(np.uint8), gre_matrix())
+    nodes_before = scene.GetNumberOfNodes()
+    phase_set, magnitude_set = echo_set([phase_node], "phase"), echo_set([magnitude_node], "magnitude")
+    gre = gre_options_from_panel("", 3.0, "laplacian", "vsharp", phase_set, magnitude_set)
+    assert gre.notes == ["echo times from the DICOM (ms, converted to s)"]
+    job = prepare_gre_job(phase_set, magnitude_set, JobOptions(method="tkd", device="cpu"), gre, mask_node=mask,
+                          temp_root=temp_root)
+    try:
+        on_disk = json.load(open(job.job_path))
+        assert on_disk == job.job and on_disk["protocol"] == 2
+        assert on_disk["echo_times_s"] == pytest.approx([0.004, 0.012, 0.02, 0.028]) and on_disk["b0_tesla"] == 3.0
+        assert on_disk["pipeline"] == {"unwrap": "laplacian", "background": "vsharp"}
+        assert on_disk["stage_dir"] == os.path.join(job.work_dir, "stages")
+        assert "units" not in on_disk and "field" not in on_disk
+        for key, arrays in (("phase", phase), ("magnitude", magnitude)):
+            assert [os.path.basename(p) for p in on_disk[key]] == [f"{key}_echo{n}.nrrd" for n in (1, 2, 3, 4)]
+            for path, array in zip(on_disk[key], arrays):
+                volume = qio.read_volume(path)
+                np.testing.assert_array_equal(volume.array, array)
+                assert volume.same_geometry(grid, tol=1e-6)   # the library sees the acquisition's own grid
+        assert qio.read_volume(on_disk["mask"]).same_geometry(grid, tol=1e-6)
+        parsed = parse_job(on_disk)
+        assert isinstance(parsed, PhaseJob) and parsed.reconstruction.output_path == on_disk["output"]
+        assert parsed.field_request.pipeline == {"unwrap": "laplacian", "background": "vsharp"}
+    finally:
+        job.cleanup()
+    assert os.listdir(temp_root) == [] and scene.GetNumberOfNodes() == nodes_before
+
+
+def test_gre_job_refuses_mismatched_echoes_grids_and_an_input_as_output(scene, gre_arrays, temp_root):
+    from QSMDIPLib.echoes import echo_set
+    from QSMDIPLib.gre import GreOptions, gre_options_from_panel, prepare_gre_job
+
+    phase, magnitude = gre_arrays
+    phase_set = echo_set([sequence_node(scene, "phase", phase, gre_matrix())], "phase")
+    three = echo_set([sequence_node(scene, "three", magnitude[:3], gre_matrix())], "magnitude")
+    gre = GreOptions((0.004, 0.012, 0.02, 0.028), 3.0)
+    with pytest.raises(QSMInputError, match="the phase 'phase' has 4 echoes but the magnitude 'three' has 3"):
+        prepare_gre_job(phase_set, three, JobOptions(), gre, temp_root=temp_root)
+    moved = gre_matrix()
+    moved[:3, 3] += 3.0
+    shifted = echo_set([sequence_node(scene, "shifted", magnitude, moved)], "magnitude")
+    with pytest.raises(QSMInputError, match="the magnitude echo 1 'shifted 0' is not on the phase echo 1's voxel grid"):
+        prepare_gre_job(phase_set, shifted, JobOptions(), gre, temp_root=temp_root)
+    magnitude_node = multivolume_node(scene, "mag", magnitude, gre_matrix())
+    magnitude_set = echo_set([magnitude_node], "magnitude")
+    with pytest.raises(QSMInputError, match="is one of the inputs"):
+        prepare_gre_job(phase_set, magnitude_set, JobOptions(), gre, output_node=magnitude_node, temp_root=temp_root)
+    with pytest.raises(QSMInputError, match="unknown unwrapping method 'romeo'"):
+        gre_options_from_panel("4, 12, 20, 28", 3.0, "romeo", "pdf", phase_set)
+    assert os.listdir(temp_root) == []
+
+
+def test_gre_session_shows_each_stage_then_the_qsm(scene, gre_arrays, temp_root):
+    from QSMDIPLib.echoes import echo_set
+    from QSMDIPLib.gre import GreSession, gre_options_from_panel
+
+    phase, magnitude = gre_arrays
+    phase_node = sequence_node(scene, "GRE phase", phase, gre_matrix(), attributes=echo_attributes())
+    magnitude_node = multivolume_node(scene, "GRE magnitude", magnitude, gre_matrix(), echo_attributes())
+    before = multivolume_fingerprint(magnitude_node)
+    phase_set, magnitude_set = echo_set([phase_node], "phase"), echo_set([magnitude_node], "magnitude")
+    gre = gre_options_from_panel("", 3.0, "region-growing", "pdf", phase_set, magnitude_set)
+    session = GreSession(scene, phase_set, magnitude_set, gre, JobOptions(method="tkd", device="cpu"),
+                         python_command=[sys.executable], module_dir=MODULE_DIR, env=WORKER_ENV, temp_root=temp_root)
+    session.start()
+    seen = []   # (stage index, progress %) as the panel's timer would see them
+    deadline = time.time() + 180
+    while not session.poll().finished and time.time() < deadline:
+        seen.append((session.state.stage_index, session.state.progress_percent()))
+        time.sleep(0.05)
+    state = session.state
+    assert state.phase == "done", state.message
+    assert state.stage_count == 7 and state.stage == "background" and state.progress_percent() == 100
+    assert "echo times from the sidecars" not in " ".join(state.stage_notes)
+    assert any("4 echo(es), TE 4, 12, 20, 28 ms, B0 3 T" in n for n in state.stage_notes)
+    assert [p for _, p in seen] == sorted(p for _, p in seen)   # the bar never goes back
+    nodes = session.stage_nodes
+    assert sorted(nodes) == ["local_field", "mask", "total_field"]
+    assert [n.GetName() for n in (nodes["total_field"], nodes["local_field"], nodes["mask"])] == \
+        ["GRE phase_TotalField", "GRE phase_LocalField", "GRE phase_FieldMask"]
+    assert nodes["mask"].IsA("vtkMRMLLabelMapVolumeNode") and node_ijk(nodes["mask"]).dtype == np.uint8
+    assert session.shown[-1] in (nodes["local_field"], nodes["mask"])
+    inside = node_ijk(nodes["mask"]) > 0
+    local = node_ijk(nodes["local_field"])
+    assert inside.any() and np.all(local[~inside] == 0) and np.any(local[inside] != 0)
+    for node in list(nodes.values()) + [session.output_node]:
+        assert scene.GetNodeByID(node.GetID()) is node
+        np.testing.assert_allclose(node_matrix(node), gre_matrix(), atol=1e-6)
+    assert session.output_node.GetName() == "GRE phase_QSM"
+    assert np.any(node_ijk(session.output_node)[inside] != 0)
+    assert not os.path.exists(session.job.work_dir) and os.listdir(temp_root) == []
+    assert multivolume_fingerprint(magnitude_node) == before
+
+
+def test_gre_session_cancelled_between_stages_says_after_which(scene, gre_arrays, temp_root):
+    from QSMDIPLib.echoes import echo_set
+    from QSMDIPLib.gre import GreSession, gre_options_from_panel
+
+    phase, magnitude = gre_arrays
+    phase_set = echo_set([sequence_node(scene, "p", phase, gre_matrix())], "phase")
+    magnitude_set = echo_set([sequence_node(scene, "m", magnitude, gre_matrix())], "magnitude")
+    gre = gre_options_from_panel("4, 12, 20, 28", 3.0, "region-growing", "pdf", phase_set, magnitude_set)
+    session = GreSession(scene, phase_set, magnitude_set, gre, JobOptions(method="tkd", device="cpu"),
+                         python_command=[sys.executable], module_dir=MODULE_DIR, env=WORKER_ENV, temp_root=temp_root)
+    session.start()
+    deadline = time.time() + 120
+    while session.poll().stage_index < 0 and not session.state.finished and time.time() < deadline:
+        time.sleep(0.02)
+    assert session.state.stage == "inputs", session.state.message
+    session.cancel()
+    state = session.wait(60)
+    assert state.phase == "cancelled" and state.message.startswith("cancelled after the "), state.message
+    assert state.stage != "background" and session.output_node.GetImageData() is None
+    assert os.listdir(temp_root) == []
+
+
+def test_session_progress_covers_the_stages_then_the_iterations():
+    from QSMDIPLib.session import STAGES_SHARE, SessionState
+
+    state = SessionState(phase="running", stage="unwrap", stage_index=3, stage_count=7)
+    assert state.progress_percent() == round(100 * STAGES_SHARE * 4 / 7)
+    assert state.progress_text().startswith("stage 4/7: unwrap")
+    state.stage, state.stage_index, state.iteration, state.max_iterations = "background", 6, 50, 100
+    assert state.progress_percent() == round(100 * (STAGES_SHARE + (1 - STAGES_SHARE) * 0.5))
+    assert not state.progress_text().startswith("stage")
+    assert SessionState(phase="running", iteration=50, max_iterations=100).progress_percent() == 50
+
+
+def test_panel_pipeline_choices_are_the_librarys_with_its_defaults():
+    import ast
+
+    from qsmdip.phase.background import BACKGROUND_REMOVERS
+    from qsmdip.phase.pipeline import PipelineSettings
+    from qsmdip.phase.unwrap import UNWRAPPERS
+
+    from QSMDIPLib.gre import BACKGROUND_METHODS, UNWRAP_METHODS
+
+    with open(os.path.join(MODULE_DIR, "QSMDIP.py"), encoding="utf-8") as handle:
+        tree = ast.parse(handle.read())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "QSMDIPParameterNode")
+    fields = {}
+    for item in cls.body:
+        if isinstance(item, ast.AnnAssign) and isinstance(item.annotation, ast.Subscript):
+            choice = next((e for e in item.annotation.slice.elts[1:] if getattr(e.func, "id", "") == "Choice"), None)
+            if choice is not None:
+                fields[item.target.id] = (ast.literal_eval(choice.args[0]), ast.literal_eval(item.value))
+    defaults = PipelineSettings()
+    assert fields["unwrapMethod"] == (list(UNWRAP_METHODS), defaults.unwrap)
+    assert fields["backgroundMethod"] == (list(BACKGROUND_METHODS), defaults.background)
+    assert set(UNWRAP_METHODS.values()) == set(UNWRAPPERS)
+    assert set(BACKGROUND_METHODS.values()) == set(BACKGROUND_REMOVERS)
+    assert fields["inputMode"][0] == ["Local field", "Multi-echo GRE (phase + magnitude)"]

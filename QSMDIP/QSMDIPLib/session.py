@@ -19,6 +19,9 @@ from .process import WorkerProcess
 from .streaming import ensure_output_node, update_node_from_file
 
 FINISHED_PHASES = ("done", "cancelled", "failed")
+#: Share of the progress bar given to the stages before the inversion in a job from the phase (they take
+#: seconds to a minute, the inversion minutes).
+STAGES_SHARE = 0.2
 
 
 @dataclass
@@ -39,22 +42,32 @@ class SessionState:
     snapshot_iteration: Optional[int] = None
     message: str = ""
     error_kind: Optional[str] = None   #: 'input', 'out_of_memory', 'missing_dependency', 'internal', 'crashed'
+    #: jobs from the phase: the last finished stage (name, 0-based index, how many there are) and every note
+    stage: str = ""
+    stage_index: int = -1
+    stage_count: int = 0
+    stage_notes: List[str] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
         return self.phase in FINISHED_PHASES
 
     def progress_percent(self) -> int:
-        """0-100 for the progress bar."""
+        """0-100 for the progress bar; a job from the phase gives its stages the first :data:`STAGES_SHARE`."""
         if self.phase == "done":
             return 100
-        if self.max_iterations <= 0:
-            return 0
-        return int(round(100.0 * min(self.iteration, self.max_iterations) / self.max_iterations))
+        solver = min(self.iteration, self.max_iterations) / self.max_iterations if self.max_iterations > 0 else 0.0
+        if self.stage_count > 0:
+            stages = (self.stage_index + 1) / self.stage_count
+            return int(round(100.0 * (STAGES_SHARE * stages + (1.0 - STAGES_SHARE) * solver)))
+        return int(round(100.0 * solver))
 
     def progress_text(self) -> str:
-        """E.g. 'iteration 40/300 | loss 0.0123 | 0:12 elapsed | 1:20 left'."""
+        """E.g. 'iteration 40/300 | loss 0.0123 | 0:12 elapsed | 1:20 left', or 'stage 3/7: offsets | ...'."""
         parts = []
+        if self.stage_count > 0 and self.iteration == 0 and self.stage_index + 1 <= self.stage_count:
+            parts.append(_("stage {index}/{count}: {name}").format(index=self.stage_index + 1, count=self.stage_count,
+                                                                   name=self.stage))
         if self.max_iterations > 0:
             parts.append(_("iteration {iteration}/{total}").format(iteration=self.iteration, total=self.max_iterations))
         if self.loss is not None:
@@ -121,11 +134,10 @@ class ReconstructionSession:
         """
         if self.worker is not None:
             raise RuntimeError("this session was already started")
-        self.job = prepare_job(self.field_node, self.mask_node, self.options, reference_node=self.reference_node,
-                               magnitude_node=self.magnitude_node, output_node=self.output_node,
-                               temp_root=self.temp_root)
+        self.job = self._prepare_job()
         try:
-            self.output_node = ensure_output_node(self.scene, self.field_node, self.output_node)
+            self.output_node = ensure_output_node(self.scene, self.field_node, self.output_node,
+                                                  name=self._output_name())
         except BaseException:
             self.job.cleanup()
             raise
@@ -142,6 +154,15 @@ class ReconstructionSession:
             self.state.message = _("could not start {command}: {error}").format(
                 command=" ".join(self.python_command), error=error)
         return self.state
+
+    def _prepare_job(self) -> PreparedJob:
+        """Write the inputs and the job file (a session from the phase writes others)."""
+        return prepare_job(self.field_node, self.mask_node, self.options, reference_node=self.reference_node,
+                           magnitude_node=self.magnitude_node, output_node=self.output_node, temp_root=self.temp_root)
+
+    def _output_name(self) -> Optional[str]:
+        """Name of a new output node (None: after the field)."""
+        return None
 
     def poll(self) -> SessionState:
         """Apply the worker's new messages (snapshots go into the output node); finish when it has ended."""
@@ -211,10 +232,23 @@ class ReconstructionSession:
         elif event == "snapshot":
             if message.get("metrics"):
                 state.metrics = dict(message["metrics"])
+        elif event == "stage":
+            self._stage(message)
         elif event == "done":
             self._done_message = message
             if message.get("metrics"):
                 state.metrics = dict(message["metrics"])
+
+    def _stage(self, message: dict) -> None:
+        """A stage of a job from the phase has finished: progress and notes (volumes: see QSMDIPLib.gre)."""
+        state = self.state
+        state.stage = str(message.get("name") or "")
+        state.stage_index = int(message.get("index") or 0)
+        state.stage_count = int(message.get("count") or 0)
+        state.stage_notes += [str(n) for n in message.get("notes") or []]
+        if state.phase == "running":
+            state.message = _("{stage} done ({seconds} s)").format(stage=state.stage,
+                                                                   seconds=f"{float(message.get('seconds') or 0):.1f}")
 
     def _load(self, path: str) -> None:
         try:
@@ -288,9 +322,13 @@ class ReconstructionSession:
                 state.message = _("the worker ended without reporting a result")
             elif outcome.kind == "cancelled":
                 state.phase, state.error_kind = "cancelled", None
-                state.message = (_("cancelled; the output keeps the snapshot of iteration {iteration}").format(
-                    iteration=state.snapshot_iteration) if state.snapshots_loaded
-                    else _("cancelled; no snapshot had arrived"))
+                if state.snapshots_loaded:
+                    state.message = _("cancelled; the output keeps the snapshot of iteration {iteration}").format(
+                        iteration=state.snapshot_iteration)
+                elif state.stage and state.stage_index + 1 < state.stage_count:
+                    state.message = _("cancelled after the {stage} stage").format(stage=state.stage)
+                else:
+                    state.message = _("cancelled; no snapshot had arrived")
             else:
                 state.phase, state.error_kind = "failed", outcome.kind
                 state.message = outcome.message

@@ -6,7 +6,7 @@ it simply refresh.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -45,15 +45,16 @@ def set_default_display(node, window_ppm: Tuple[float, float] = DEFAULT_WINDOW_P
     display.SetWindowLevelMinMax(float(window_ppm[0]), float(window_ppm[1]))
 
 
-def ensure_output_node(scene, field_node, output_node=None):
+def ensure_output_node(scene, field_node, output_node=None, name: Optional[str] = None):
     """Return the node the reconstruction goes into.
 
-    Without ``output_node`` a new scalar volume named after the field is added to ``scene`` with the
-    field's geometry and the default display. A chosen node keeps its display settings; it only gets
-    the field's geometry (and a default display if it has none).
+    Without ``output_node`` a new scalar volume named after the field (or ``name``) is added to ``scene``
+    with the field's geometry and the default display. A chosen node keeps its display settings; it only
+    gets the field's geometry (and a default display if it has none).
     """
     if output_node is None:
-        output_node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GenerateUniqueName(output_name(field_node)))
+        output_node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode",
+                                              scene.GenerateUniqueName(name or output_name(field_node)))
         copy_geometry(field_node, output_node)
         set_default_display(output_node)
         return output_node
@@ -77,8 +78,8 @@ def read_volume_file(path: str):
     return node
 
 
-def update_node_from_file(path: str, output_node, field_node) -> None:
-    """Replace ``output_node``'s voxels by the file's, keeping the node and its display.
+def update_node_from_file(path: str, output_node, field_node, dtype=np.float32) -> None:
+    """Replace ``output_node``'s voxels by the file's (as ``dtype``), keeping the node and its display.
 
     The file must lie on the field's grid (the worker writes every result with the field's geometry);
     anything else means the file does not belong to this reconstruction and is refused.
@@ -90,14 +91,14 @@ def update_node_from_file(path: str, output_node, field_node) -> None:
     a, b = ijk_to_ras(loaded), ijk_to_ras(field_node)
     if not np.allclose(a, b, rtol=0.0, atol=GRID_TOLERANCE * max(1.0, float(np.abs(b).max()))):
         raise QSMInputError(f"{path} is not on the field's voxel grid")
-    update_node_from_array(output_node, _array_kji(loaded), field_node)
+    update_node_from_array(output_node, _array_kji(loaded), field_node, dtype=dtype)
 
 
-def update_node_from_array(output_node, array_kji: np.ndarray, geometry_node=None) -> None:
+def update_node_from_array(output_node, array_kji: np.ndarray, geometry_node=None, dtype=np.float32) -> None:
     """Write a ``[k, j, i]`` array (Slicer's array order) into the node in place."""
     import slicer
 
-    slicer.util.updateVolumeFromArray(output_node, np.ascontiguousarray(array_kji, dtype=np.float32))
+    slicer.util.updateVolumeFromArray(output_node, np.ascontiguousarray(array_kji, dtype=dtype))
     if geometry_node is not None:
         copy_geometry(geometry_node, output_node)
 
