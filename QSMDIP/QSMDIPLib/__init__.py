@@ -8,6 +8,8 @@ check and install, and the example phantom run in separate processes (``python -
 see docs/WORKER_PROTOCOL.md), polled without blocking.
 
 - :mod:`.job`: volume nodes -> temporary files + job file.
+- :mod:`.echoes`: multi-echo GRE inputs (Sequence, MultiVolume, one volume per echo), their echo times and B0.
+- :mod:`.gre`: a reconstruction from the phase: its job, and each stage's volumes loaded as they arrive.
 - :mod:`.process`: background processes (no console window, whole-tree cancel), the worker's JSON
   lines and exit statuses, commands run one after another.
 - :mod:`.streaming`: the output volume node, updated in place from snapshot files.
