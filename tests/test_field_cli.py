@@ -120,6 +120,16 @@ def test_field_from_plain_files_per_echo_needs_the_echo_times(sets, tmp_path, ca
     assert "4 echo(es), TE 4, 12, 20, 28 ms, B0 3 T" in stage_lines(lines)[0]
 
 
+def test_field_from_a_single_echo(sets, tmp_path, capsys):
+    phase, magnitude = sets["plain"]
+    code, _, lines = run(field_args(phase[:1], tmp_path, "--echo-times", "0.004", "--b0", "3",
+                                    magnitude=magnitude[:1]), capsys)
+    assert code == 0, lines
+    stages = stage_lines(lines)
+    assert "1 echo(es), TE 4 ms, B0 3 T" in stages[0] and "single echo" in stages[2]
+    assert (qio.read_volume(tmp_path / "mask.nii.gz").array > 0).any()
+
+
 def test_field_with_the_users_mask_keeps_it(sets, tmp_path, capsys):
     phase, _ = sets["bids"]
     acq, grid = gre_data.acquisition()
