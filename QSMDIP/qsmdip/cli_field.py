@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from typing import Any, Callable, Dict, Optional
 
-from .errors import QSMInputError
 
 #: flag -> PipelineSettings field
 PIPELINE_FLAGS = {"unwrap": "unwrap", "bfr": "background", "offsets": "offsets"}
