@@ -118,10 +118,10 @@ def merge_acquisition_parameters(files: MultiEchoFiles, echo_times_s: Optional[S
     """The echo times and B0 to use: the command line's, checked against the sidecars' when both exist."""
     tes = tuple(float(t) for t in echo_times_s) if echo_times_s else files.echo_times_s
     if echo_times_s and files.echo_times_s and not np.allclose(tes, files.echo_times_s, rtol=1e-3, atol=1e-6):
-        raise QSMInputError(f"--echo-times {tes} disagree with the sidecars' EchoTime {files.echo_times_s}")
+        raise QSMInputError(f"the echo times given {tes} disagree with the sidecars' EchoTime {files.echo_times_s}")
     b0 = float(b0_tesla) if b0_tesla is not None else files.b0_tesla
     if b0_tesla is not None and files.b0_tesla is not None and abs(b0 - files.b0_tesla) > 0.05 * files.b0_tesla:
-        raise QSMInputError(f"--b0 {b0} T disagrees with the sidecars' MagneticFieldStrength {files.b0_tesla} T")
+        raise QSMInputError(f"the B0 given ({b0} T) disagrees with the sidecars' MagneticFieldStrength {files.b0_tesla} T")
     return tes, b0
 
 
