@@ -43,9 +43,13 @@ class BackgroundResult:
 
     local_field_ppm: np.ndarray   #: float32 [i, j, k], 0 outside ``mask``
     mask: np.ndarray              #: bool, the mask the local field is valid in (eroded for SHARP-type methods)
-    method: str                   #: 'vsharp', 'pdf'
+    method: str                   #: 'vsharp', 'pdf', 'smv'
     eroded_voxels: int            #: voxels of the input mask dropped
     notes: List[str] = field(default_factory=list)  #: what was done, for the user and the log
+    #: None for a true local field. Otherwise ``local_field_ppm`` is a filtered field, and an inversion must
+    #: use the dipole kernel times ``kspace_filter(fft_shape, voxel_size_mm)`` (a real half spectrum, as
+    #: ``scipy.fft.rfftn`` lays it out) on its own FFT grid: see :mod:`qsmdip.phase.single_step`.
+    kspace_filter: Optional[Callable[[Sequence[int], Sequence[float]], np.ndarray]] = None
 
 
 @dataclass
@@ -271,6 +275,43 @@ def remove_background_vsharp(total_field_ppm: np.ndarray, mask: np.ndarray, voxe
         f"V-SHARP: {len(radii)} kernel radii from {radii[0]:g} to {radii[-1]:g} mm, deconvolution threshold "
         f"{settings.threshold:g}; mask eroded by {result.eroded_voxels} of {n_in} voxels "
         f"({100.0 * result.eroded_voxels / n_in:.1f} %)")
+    return result
+
+
+# ------------------------------------------------------------------------------------- SMV high-pass
+
+def remove_background_smv(total_field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[float], *,
+                          b0_dir: Sequence[float] = SUPERIOR, radius_mm: float = 4.0,
+                          weight: Optional[np.ndarray] = None) -> BackgroundResult:
+    """The SMV high-passed total field ``f - SMV_r(f)`` in the mask eroded by ``radius_mm``, not deconvolved.
+
+    It holds no background field (harmonic in the mask), but it is a filtered local field: the result's
+    ``kspace_filter`` is ``1 - SMV_r(k)``, which an inversion must apply to its dipole kernel (single-step
+    QSM, :func:`qsmdip.phase.single_step.single_step_tv`). Not a drop-in local field, so not in
+    :data:`BACKGROUND_REMOVERS`. ``b0_dir`` and ``weight`` are accepted for the common call shape, unused.
+    """
+    f, m, vs, _ = _check_inputs(total_field_ppm, mask, voxel_size_mm, weight)
+    unit_vector(b0_dir)
+    if not (math.isfinite(radius_mm) and radius_mm >= min(vs)):
+        raise QSMInputError(f"SMV radius {radius_mm} mm must be at least the finest voxel side {min(vs):g} mm")
+    box = _grown_box(m, (0, 0, 0))
+    f_box, m_box = _extract(f, box), _extract(m, box)
+    depth = scipy.ndimage.distance_transform_edt(np.pad(m_box, 1), sampling=vs)[1:-1, 1:-1, 1:-1]
+    valid = depth > radius_mm * (1 + 1e-9)
+    if not valid.any():
+        raise QSMInputError(f"the mask is too small for an SMV radius of {radius_mm:g} mm: no voxel is that far "
+                            f"from its edge")
+    fft_shape = [scipy.fft.next_fast_len(n + int(math.ceil(radius_mm / v)), real=True)
+                 for n, v in zip(f_box.shape, vs)]
+    crop = tuple(slice(0, n) for n in f_box.shape)
+    smv = _smv_spectrum(fft_shape, vs, radius_mm)
+    high = scipy.fft.irfftn(scipy.fft.rfftn(f_box, s=fft_shape) * (1.0 - smv), s=fft_shape)[crop]
+    result = _result(high, valid, box, m, "smv", [])
+    result.kspace_filter = lambda shape, voxel: 1.0 - _smv_spectrum(shape, voxel, radius_mm)
+    n_in = int(m.sum())
+    result.notes.append(f"SMV high-pass of radius {radius_mm:g} mm (to be inverted with the filtered kernel); "
+                        f"mask eroded by {result.eroded_voxels} of {n_in} voxels "
+                        f"({100.0 * result.eroded_voxels / n_in:.1f} %)")
     return result
 
 
