@@ -46,7 +46,7 @@ class SingleStepResult:
     """Susceptibility from the total field, and the mask it is valid in."""
 
     chi_ppm: np.ndarray          #: float32 [i, j, k], 0 outside ``mask``
-    mask: np.ndarray             #: bool: the input mask eroded by the SMV radius
+    mask: np.ndarray             #: bool: the input mask eroded by ``output_radius_mm`` (default: the SMV radius)
     eroded_voxels: int           #: voxels of the input mask dropped
     alpha: float                 #: the TV weight used (relative to the high-passed field's RMS)
     iterations: int
@@ -55,12 +55,14 @@ class SingleStepResult:
 
 def single_step_tv(total_field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[float], *,
                    b0_dir: Sequence[float] = SUPERIOR, radius_mm: float = 4.0,
+                   output_radius_mm: Optional[float] = None,
                    alpha: Optional[float] = None, iterations: int = 300,
                    tolerance: float = 1e-4) -> SingleStepResult:
     """chi (ppm) from the total field (ppm) in ``mask``: SMV high-pass of radius ``radius_mm`` + filtered TV.
 
     ``alpha`` None chooses the TV weight by hold-out cross-validation (as :func:`qsmdip.solvers.tv.solve_tv`).
-    The result is valid in the mask eroded by ``radius_mm``.
+    The data term covers the mask eroded by ``radius_mm``; chi is returned in the mask eroded by
+    ``output_radius_mm`` (None: ``radius_mm``), whose rim chi is fitted through its field inside (less exact).
     """
     if int(iterations) != iterations or iterations < 1:
         raise QSMInputError(f"single-step TV iterations must be a whole number >= 1, got {iterations}")
@@ -97,8 +99,13 @@ def single_step_tv(total_field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm:
         done, _, chi_box, _ = problem.run(state, weight, mu1, float(settings.mu2), settings.iterations,
                                           problem.mask_pad, stop, track_loss=False)
         chi = crop.paste((chi_box * scale).cpu().numpy())
-    chi = np.where(high.mask, chi, 0.0).astype(np.float32)
+    if output_radius_mm is None or output_radius_mm == radius_mm:
+        keep = high.mask
+    else:
+        keep = remove_background_smv(total_field_ppm, mask, vs, b0_dir=b0, radius_mm=output_radius_mm).mask
+    chi = np.where(keep, chi, 0.0).astype(np.float32)
     notes = list(high.notes) + [f"single-step TV: weight {weight:.3g} (relative to the high-passed field's RMS, "
                                 f"{'cross-validated' if alpha is None else 'given'}), {done} ADMM iterations"]
-    return SingleStepResult(chi_ppm=chi, mask=high.mask, eroded_voxels=high.eroded_voxels, alpha=weight,
+    eroded = int(np.count_nonzero(np.asarray(mask) > 0.5) - keep.sum())
+    return SingleStepResult(chi_ppm=chi, mask=keep, eroded_voxels=eroded, alpha=weight,
                             iterations=int(done), notes=notes)
