@@ -10,6 +10,11 @@ Laplacian form of TGV-QSM, Langkammer et al. 2015, is its r -> one voxel limit).
 :mod:`qsmdip.solvers.tv` runs with the dipole kernel multiplied by the high-pass ``1 - S_r(k)``; the TV
 weight is chosen by the same hold-out cross-validation, on the high-passed field.
 
+Measured (docs/results/background-removal.md): on the realistic 2 mm head it beats V-SHARP then TV with the
+noise-free total field (27.9 against 41.5 % NRMSE) but not with the pipeline's field (46.0 against 46.4 %,
+eroding 4 mm instead of 2), and at 4 mm with noise it is worse; so it is not the pipeline's default. To
+plug it into a solver, multiply the dipole kernel by ``BackgroundResult.kspace_filter`` on the solver's grid.
+
 The ADMM gradient penalty is 3 x alpha instead of the solver's 100 x alpha: with the high-pass the low
 frequencies are weakly tied to the data and converge slowly at 100 x alpha (2 mm realistic head, alpha
 0.0031: 37 % NRMSE after 150 iterations at 100 x, 28 % converged in 92 at 3 x, 28 % at 1 x and 10 x).
