@@ -38,7 +38,7 @@ except ImportError:  # Slicer before 5.6 has no translation functions: keep the 
 from QSMDIPLib.compare import compare_nodes, metric_table_rows, metrics_for_nodes
 from QSMDIPLib.dicom import dicom_source_file, export_node_dicom
 from QSMDIPLib.echoes import echo_set, format_ms
-from QSMDIPLib.example import ExampleDataJob, load_example, panel_selection
+from QSMDIPLib.example import EXAMPLE_DIP_ITERATIONS, ExampleDataJob, load_example, panel_selection
 from QSMDIPLib.gre import GreSession, gre_options_from_panel
 from QSMDIPLib.job import options_from_panel
 from QSMDIPLib.session import ReconstructionSession
@@ -417,8 +417,10 @@ class QSMDIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             for name, value in panel_selection(nodes).items():
                 setattr(self._parameterNode, name, value)
             slicer.util.setSliceViewerLayers(background=nodes.field, fit=True)
-            self.ui.statusLabel.text = _("Example loaded ({kind} phantom). Press Apply to reconstruct it, then"
-                                         " 'Compare with gold standard'.").format(kind=files.kind)
+            self.ui.statusLabel.text = _("Example loaded ({kind} phantom). DIP is set to {n} iterations for a"
+                                         " quick first look (under a minute on a laptop CPU). Press Apply, then"
+                                         " 'Compare with gold standard'.").format(kind=files.kind,
+                                                                                  n=EXAMPLE_DIP_ITERATIONS)
         return False
 
     # -- compare and export -----------------------------------------------------------------------

@@ -739,7 +739,8 @@ def test_example_data_is_made_in_the_background_loaded_and_selected(scene, temp_
         assert nodes.field.GetImageData().GetDimensions() == (42, 50, 43)   # 4 mm: small enough for a CPU
         selection = panel_selection(nodes)
         assert selection == {"fieldVolume": nodes.field, "maskVolume": nodes.mask, "referenceVolume": nodes.chi,
-                             "magnitudeVolume": nodes.magnitude, "outputVolume": None, "fieldUnits": "ppm"}
+                             "magnitudeVolume": nodes.magnitude, "outputVolume": None, "fieldUnits": "ppm",
+                             "method": "DIP", "iterations": 40}
         job.cleanup()
         assert os.listdir(temp_root) == []
         # and the panel's next step works on it: a quick TKD against the gold standard
