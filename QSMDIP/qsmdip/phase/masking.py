@@ -101,21 +101,27 @@ def mask_from_magnitude(magnitude: np.ndarray, voxel_size_mm: Sequence[float], *
 
     removed = 0
     if residual_rad is not None:
-        residual = np.asarray(residual_rad, dtype=np.float64)
-        if residual.shape != brain.shape:
-            raise QSMInputError(f"the residual map's shape {residual.shape} differs from the mask's {brain.shape}")
-        bad = brain & (residual > residual_limit_rad)
-        # peel the bad voxels connected to the outside, layer by layer; enclosed ones stay
-        kept = brain.copy()
-        for _ in range(8):
-            edge = kept & ~scipy.ndimage.binary_erosion(kept)
-            peel = edge & bad
-            if not peel.any():
-                break
-            kept &= ~peel
-        kept = scipy.ndimage.binary_fill_holes(largest_component(kept))
+        kept = peel_poor_edges(brain, residual_rad, residual_limit_rad)
         removed = int(brain.sum() - kept.sum())
         brain = kept
         notes.append(f"mask: {removed} edge voxels dropped for poor phase quality "
                      f"(echo-fit residual above {residual_limit_rad:g} rad)")
     return MaskResult(mask=brain, threshold=threshold, removed_by_quality=removed, notes=notes)
+
+
+def peel_poor_edges(mask: np.ndarray, residual_rad: np.ndarray, residual_limit_rad: float) -> np.ndarray:
+    """``mask`` without the voxels whose residual exceeds the limit and that reach its edge, peeled layer by
+    layer (at most 8); enclosed ones stay, and the largest part is kept with its holes filled."""
+    brain = np.asarray(mask, dtype=bool)
+    residual = np.asarray(residual_rad, dtype=np.float64)
+    if residual.shape != brain.shape:
+        raise QSMInputError(f"the residual map's shape {residual.shape} differs from the mask's {brain.shape}")
+    bad = brain & (residual > residual_limit_rad)
+    kept = brain.copy()
+    for _ in range(8):
+        edge = kept & ~scipy.ndimage.binary_erosion(kept)
+        peel = edge & bad
+        if not peel.any():
+            break
+        kept &= ~peel
+    return scipy.ndimage.binary_fill_holes(largest_component(kept))

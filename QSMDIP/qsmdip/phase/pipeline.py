@@ -23,7 +23,7 @@ from ..geometry import SUPERIOR, check_voxel_size, unit_vector
 from .background import BACKGROUND_REMOVERS
 from .echo_fit import fit_field, hz_to_ppm
 from .inputs import check_b0, check_echo_times, check_magnitude_series, looks_swapped, phase_to_radians
-from .masking import mask_from_magnitude
+from .masking import mask_from_magnitude, peel_poor_edges
 from .offsets import OFFSET_METHODS, remove_phase_offsets
 from .unwrap import UNWRAPPERS, unwrap_echoes
 
@@ -179,10 +179,11 @@ def phase_to_local_field(phase: np.ndarray, magnitude: np.ndarray, echo_times_s:
     started = time.perf_counter()
     notes = []
     if settings.refine_mask and not user_mask and len(tes) > 1:
-        refined = mask_from_magnitude(mag, vs, residual_rad=fit.residual_rad, opening_mm=settings.mask_opening_mm,
-                                      residual_limit_rad=settings.residual_limit_rad)
-        m = refined.mask & m
-        notes = refined.notes[1:]
+        # the first mask is the magnitude mask itself: peel its poor edges rather than make it again
+        before = int(m.sum())
+        m = peel_poor_edges(m, fit.residual_rad, settings.residual_limit_rad)
+        notes = [f"mask: {before - int(m.sum())} edge voxels dropped for poor phase quality "
+                 f"(echo-fit residual above {settings.residual_limit_rad:g} rad)"]
         if settings.mask_erosion_voxels > 0:
             before = int(m.sum())
             m = scipy.ndimage.binary_erosion(m, iterations=settings.mask_erosion_voxels)
