@@ -18,7 +18,6 @@ any mask a pipeline returns (the field of the sources inside that mask).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Tuple
 
@@ -29,7 +28,8 @@ from .errors import QSMInputError
 from .geometry import SUPERIOR, check_voxel_size, unit_vector
 from .operator import forward_field
 from .realistic_phantom import (BRAIN_CENTRE_MNI, DEFAULT_ECHO_TIMES_S, R2STAR_3T, REALISTIC_BOX_MM, S0,
-                                _block_mean, _dominant_labels, _FineGrid, _supersampling, build_anatomy)
+                                _block_mean, _dominant_labels, _FineGrid, build_anatomy,
+                                check_simulation_arguments)
 from .units import GAMMA_BAR_MHZ_PER_T
 
 #: Field of view (mm): the brain's box plus room for the skull, the scalp and some air.
@@ -110,17 +110,8 @@ def make_realistic_acquisition(shape: Optional[Sequence[int]] = None,
     """
     vs = check_voxel_size(voxel_size_mm)
     b0 = unit_vector(b0_dir)
-    shape3 = default_acquisition_shape(vs) if shape is None else tuple(int(n) for n in np.ravel(shape))
-    if len(shape3) != 3 or min(shape3) < 1:
-        raise QSMInputError(f"acquisition shape must be three positive integers, got {tuple(np.ravel(shape))}")
-    if snr is not None and not (np.isfinite(snr) and snr > 0):
-        raise QSMInputError(f"snr must be a positive number or None, got {snr}")
-    if not (np.isfinite(b0_tesla) and b0_tesla > 0):
-        raise QSMInputError(f"B0 must be a positive field strength in tesla, got {b0_tesla}")
-    tes = np.asarray(echo_times_s, dtype=np.float64).ravel()
-    if (tes.size < 1 or not np.all(np.isfinite(tes)) or np.any(tes <= 0) or np.any(tes > 0.2)
-            or np.any(np.diff(tes) <= 0)):
-        raise QSMInputError(f"echo times must be increasing, positive and in seconds, got {tuple(tes)}")
+    shape3, tes = check_simulation_arguments(shape, default_acquisition_shape(vs), snr, b0_tesla, echo_times_s,
+                                             what="acquisition", increasing=True)
 
     rng = np.random.default_rng(seed)
     anatomy = build_anatomy(shape3, vs, rng)

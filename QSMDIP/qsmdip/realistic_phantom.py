@@ -266,6 +266,28 @@ def build_anatomy(shape: Sequence[int], voxel_size_mm: Sequence[float], rng: np.
     return Anatomy(fine, factors, chi, brain, gm, wm, csf, r2s_extra, fractions)
 
 
+def check_simulation_arguments(shape: Optional[Sequence[int]], default_shape: Tuple[int, int, int],
+                               snr: Optional[float], b0_tesla: float, echo_times_s: Sequence[float], *,
+                               what: str, increasing: bool = False) -> Tuple[Tuple[int, ...], np.ndarray]:
+    """The matrix and echo times of a simulated acquisition, with one clear error for a bad argument.
+
+    ``what`` names the object in the messages; ``increasing`` also requires increasing echo times.
+    """
+    shape3 = default_shape if shape is None else tuple(int(n) for n in np.ravel(shape))
+    if len(shape3) != 3 or min(shape3) < 1:
+        raise QSMInputError(f"{what} shape must be three positive integers, got {tuple(np.ravel(shape))}")
+    if snr is not None and not (np.isfinite(snr) and snr > 0):
+        raise QSMInputError(f"snr must be a positive number or None, got {snr}")
+    if not (np.isfinite(b0_tesla) and b0_tesla > 0):
+        raise QSMInputError(f"B0 must be a positive field strength in tesla, got {b0_tesla}")
+    tes = np.asarray(echo_times_s, dtype=np.float64).ravel()
+    if tes.size < 1 or not np.all(np.isfinite(tes)) or np.any(tes <= 0) or np.any(tes > 0.2):
+        raise QSMInputError(f"echo times must be positive and in seconds (<= 0.2 s), got {tuple(tes)}")
+    if increasing and np.any(np.diff(tes) <= 0):
+        raise QSMInputError(f"echo times must be increasing, got {tuple(tes)}")
+    return shape3, tes
+
+
 def make_realistic_phantom(shape: Optional[Sequence[int]] = None,
                            voxel_size_mm: Sequence[float] = (2.0, 2.0, 2.0), *,
                            b0_dir: Sequence[float] = SUPERIOR, snr: Optional[float] = 100.0, seed: int = 0,
@@ -292,16 +314,8 @@ def make_realistic_phantom(shape: Optional[Sequence[int]] = None,
     """
     vs = check_voxel_size(voxel_size_mm)
     b0 = unit_vector(b0_dir)
-    shape3 = default_realistic_shape(vs) if shape is None else tuple(int(n) for n in np.ravel(shape))
-    if len(shape3) != 3 or min(shape3) < 1:
-        raise QSMInputError(f"phantom shape must be three positive integers, got {tuple(np.ravel(shape))}")
-    if snr is not None and not (np.isfinite(snr) and snr > 0):
-        raise QSMInputError(f"snr must be a positive number or None, got {snr}")
-    if not (np.isfinite(b0_tesla) and b0_tesla > 0):
-        raise QSMInputError(f"B0 must be a positive field strength in tesla, got {b0_tesla}")
-    tes = np.asarray(echo_times_s, dtype=np.float64).ravel()
-    if tes.size < 1 or not np.all(np.isfinite(tes)) or np.any(tes <= 0) or np.any(tes > 0.2):
-        raise QSMInputError(f"echo times must be positive and in seconds (<= 0.2 s), got {tuple(tes)}")
+    shape3, tes = check_simulation_arguments(shape, default_realistic_shape(vs), snr, b0_tesla, echo_times_s,
+                                             what="phantom")
 
     rng = np.random.default_rng(seed)
     anatomy = build_anatomy(shape3, vs, rng)
