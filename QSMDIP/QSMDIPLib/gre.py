@@ -8,7 +8,6 @@ user sees them before the QSM arrives.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -20,7 +19,8 @@ import numpy as np
 from qsmdip.errors import QSMInputError
 
 from .echoes import EchoSet, check_echo_sets, export_echoes, parse_echo_times_ms, resolve_echo_times
-from .job import PROTOCOL_VERSION, JobOptions, PreparedJob, _snapshot_keys, ras_to_lps, write_volume_node
+from .job import (PROTOCOL_VERSION, JobOptions, PreparedJob, check_output_and_interval, solver_job_keys,
+                  write_job_file, write_volume_node)
 from .session import ReconstructionSession
 from .streaming import OUTPUT_SUFFIX, set_default_display, update_node_from_file
 
@@ -70,12 +70,7 @@ def prepare_gre_job(phase: EchoSet, magnitude: EchoSet, options: JobOptions, gre
     check_echo_sets(phase, magnitude, (mask_node, "mask"), (reference_node, "reference"))
     inputs = list(phase.volumes) + list(magnitude.volumes) + [phase.grid_node, magnitude.grid_node, mask_node,
                                                               reference_node]
-    if output_node is not None and any(n is not None and (n is output_node or n.GetID() == output_node.GetID())
-                                       for n in inputs):
-        raise QSMInputError(f"the output volume '{output_node.GetName()}' is one of the inputs:"
-                            " choose another output (inputs are never overwritten)")
-    if options.snapshot_every < 1:
-        raise QSMInputError(f"the update interval must be at least 1 iteration, got {options.snapshot_every}")
+    check_output_and_interval(output_node, inputs, options)
     if len(gre.echo_times_s) != phase.echoes:
         raise QSMInputError(f"the phase has {phase.echoes} echoes but {len(gre.echo_times_s)} echo times")
 
@@ -96,19 +91,9 @@ def prepare_gre_job(phase: EchoSet, magnitude: EchoSet, options: JobOptions, gre
             "pipeline": dict(gre.pipeline),
             "stage_dir": os.path.join(work_dir, "stages"),
             "reference": extra["reference"],
-            "output": os.path.join(work_dir, "qsm.nrrd"),
-            **_snapshot_keys(work_dir),
-            "snapshot_every": int(options.snapshot_every),
-            "method": options.method,
-            "preset": options.preset,
-            "b0_direction_world": (ras_to_lps(options.b0_direction_ras)
-                                   if options.b0_direction_ras is not None else None),
-            "device": options.device,
-            "settings": dict(options.settings),
+            **solver_job_keys(options, work_dir),
         }
-        job_path = os.path.join(work_dir, "job.json")
-        with open(job_path, "w", encoding="utf-8") as handle:
-            json.dump(job, handle, indent=2)
+        job_path = write_job_file(work_dir, job)
     except BaseException:
         shutil.rmtree(work_dir, ignore_errors=True)
         raise

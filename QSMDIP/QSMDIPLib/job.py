@@ -172,6 +172,41 @@ def _snapshot_keys(work_dir: str) -> Dict[str, str]:
     return {"snapshot": os.path.join(work_dir, "snapshot.nrrd")}
 
 
+def check_output_and_interval(output_node, input_nodes, options: JobOptions) -> None:
+    """The output must not be one of the inputs (inputs are never overwritten), and the update interval is
+    at least one iteration."""
+    inputs = [n for n in input_nodes if n is not None]
+    if output_node is not None and any(output_node is n or output_node.GetID() == n.GetID() for n in inputs):
+        raise QSMInputError(f"the output volume '{output_node.GetName()}' is one of the inputs:"
+                            " choose another output (inputs are never overwritten)")
+    if options.snapshot_every < 1:
+        raise QSMInputError(f"the update interval must be at least 1 iteration, got {options.snapshot_every}")
+
+
+def solver_job_keys(options: JobOptions, work_dir: str) -> Dict[str, object]:
+    """The job keys of the reconstruction itself (output, snapshots, method and settings), shared by every
+    kind of job the panel sends."""
+    return {
+        "output": os.path.join(work_dir, "qsm.nrrd"),
+        **_snapshot_keys(work_dir),
+        "snapshot_every": int(options.snapshot_every),
+        "method": options.method,
+        "preset": options.preset,
+        "b0_direction_world": (ras_to_lps(options.b0_direction_ras)
+                               if options.b0_direction_ras is not None else None),
+        "device": options.device,
+        "settings": dict(options.settings),
+    }
+
+
+def write_job_file(work_dir: str, job: Dict[str, object]) -> str:
+    """Write ``job`` as ``<work_dir>/job.json`` and return its path."""
+    job_path = os.path.join(work_dir, "job.json")
+    with open(job_path, "w", encoding="utf-8") as handle:
+        json.dump(job, handle, indent=2)
+    return job_path
+
+
 def prepare_job(field_node, mask_node, options: JobOptions, *, reference_node=None, magnitude_node=None,
                 output_node=None, temp_root: Optional[str] = None) -> PreparedJob:
     """Write the inputs into a new temporary folder and the job file next to them.
@@ -188,12 +223,7 @@ def prepare_job(field_node, mask_node, options: JobOptions, *, reference_node=No
         if node is not None:
             check_volume_node(node, role)
             check_same_grid(field_node, node, "field", role)
-    inputs = [n for n in (field_node, mask_node, reference_node, magnitude_node) if n is not None]
-    if output_node is not None and any(output_node is n or output_node.GetID() == n.GetID() for n in inputs):
-        raise QSMInputError(f"the output volume '{output_node.GetName()}' is one of the inputs:"
-                            " choose another output (inputs are never overwritten)")
-    if options.snapshot_every < 1:
-        raise QSMInputError(f"the update interval must be at least 1 iteration, got {options.snapshot_every}")
+    check_output_and_interval(output_node, (field_node, mask_node, reference_node, magnitude_node), options)
 
     work_dir = tempfile.mkdtemp(prefix="qsmdip-", dir=temp_root)
     try:
@@ -208,22 +238,12 @@ def prepare_job(field_node, mask_node, options: JobOptions, *, reference_node=No
             "mask": paths["mask"],
             "reference": paths["reference"] if reference_node is not None else None,
             "magnitude": paths["magnitude"] if magnitude_node is not None else None,
-            "output": os.path.join(work_dir, "qsm.nrrd"),
-            **_snapshot_keys(work_dir),
-            "snapshot_every": int(options.snapshot_every),
-            "method": options.method,
-            "preset": options.preset,
             "units": options.units,
             "b0_tesla": options.b0_tesla,
             "te_s": options.te_s,
-            "b0_direction_world": (ras_to_lps(options.b0_direction_ras)
-                                   if options.b0_direction_ras is not None else None),
-            "device": options.device,
-            "settings": dict(options.settings),
+            **solver_job_keys(options, work_dir),
         }
-        job_path = os.path.join(work_dir, "job.json")
-        with open(job_path, "w", encoding="utf-8") as handle:
-            json.dump(job, handle, indent=2)
+        job_path = write_job_file(work_dir, job)
     except BaseException:
         shutil.rmtree(work_dir, ignore_errors=True)
         raise
