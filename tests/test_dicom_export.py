@@ -1,6 +1,5 @@
 """DICOM export of a QSM: values back in ppm within 1 ppb, geometry kept, patient and study from the source."""
 import logging
-import math
 import sys
 
 import numpy as np
@@ -15,17 +14,11 @@ from qsmdip import __version__  # noqa: E402
 from qsmdip.dicom_export import MAX_ABS_PPM, export_qsm_dicom  # noqa: E402
 from qsmdip.errors import MissingDependencyError, QSMInputError  # noqa: E402
 from qsmdip.io import Volume, write_volume  # noqa: E402
+from test_io import rotation  # noqa: E402  (Rodrigues' formula, one copy)
 
 SHAPE = (7, 5, 4)  # [i, j, k], non-cubic so that rows and columns cannot be swapped unnoticed
 SPACING = (0.7, 1.1, 2.3)
 ORIGIN = (-90.5, 12.25, 33.1)
-
-
-def rotation(axis, degrees):
-    u = np.asarray(axis, dtype=float) / np.linalg.norm(axis)
-    t = math.radians(degrees)
-    cross = np.array([[0, -u[2], u[1]], [u[2], 0, -u[0]], [-u[1], u[0], 0]])
-    return math.cos(t) * np.eye(3) + math.sin(t) * cross + (1 - math.cos(t)) * np.outer(u, u)
 
 
 OBLIQUE = rotation((1, 2, 3), 37)
