@@ -57,3 +57,22 @@ def per_echo_files(folder: Path, *, sidecars: bool = False) -> Tuple[List[Path],
         phases.append(qio.write_volume(folder / f"phase{n + 1}.nii.gz", acq.phase_rad[n], like=grid))
         mags.append(qio.write_volume(folder / f"mag{n + 1}.nii.gz", acq.magnitude[n], like=grid))
     return phases, mags
+
+
+def write_bids_dataset(root: Path, subjects=(("01", None), ("02", None), ("03", "pre"))) -> List[Path]:
+    """A small BIDS dataset: the acquisition written once per (subject, session), with sidecars and a
+    dataset_description.json. Returns the subjects' anat folders."""
+    import json
+
+    from qsmdip.phase.files import write_multi_echo
+
+    acq, grid = acquisition()
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "dataset_description.json").write_text(json.dumps({"Name": "test", "BIDSVersion": "1.10.0"}))
+    folders = []
+    for subject, session in subjects:
+        phases, _ = write_multi_echo(root, acq.phase_rad, acq.magnitude, grid, acq.echo_times_s, acq.b0_tesla,
+                                     subject=subject, session=session)
+        folders.append(phases[0].parent)
+    return folders

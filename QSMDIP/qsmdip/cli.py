@@ -65,6 +65,7 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .cli_batch import add_batch_parser
     from .cli_field import add_phase_arguments
     from .solvers import METHODS
     from .units import FIELD_UNITS
@@ -187,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     dx.add_argument("--clip", action="store_true",
                     help="saturate values beyond +-32.767 ppm (16-bit ppb) instead of refusing the map")
 
+    add_batch_parser(sub)
+
     dm = sub.add_parser("demo", help="phantom -> TKD and DIP -> metrics table and a PNG of middle slices",
                         description="Make a head phantom, reconstruct it with TKD and DIP, print the metrics "
                                     "and write a PNG comparing truth, TKD, DIP and the DIP error.")
@@ -295,10 +298,8 @@ class ProgressBar:
             self.bar.close()
 
 
-def cmd_reconstruct(args) -> int:
-    from .cli_field import reconstruct_from_phase
-    from .runner import ReconstructionRequest, RunListener, run_reconstruction
-
+def solver_overrides(args) -> dict:
+    """The method's setting overrides from --set, --seed, --max-seconds and --iterations (reconstruct, batch)."""
     overrides = _parse_overrides(args.set)
     if args.seed is not None:
         overrides["seed"] = args.seed
@@ -310,6 +311,14 @@ def cmd_reconstruct(args) -> int:
         for flag in ("iterations", "seed", "max_seconds"):
             if flag in overrides:
                 raise QSMInputError(f"--{flag.replace('_', '-')} does not apply to the closed-form method {args.method}")
+    return overrides
+
+
+def cmd_reconstruct(args) -> int:
+    from .cli_field import reconstruct_from_phase
+    from .runner import ReconstructionRequest, RunListener, run_reconstruction
+
+    overrides = solver_overrides(args)
     from_phase = bool(args.phase)
     request = ReconstructionRequest(
         field_path=args.field or "", mask_path=args.mask or "", output_path=args.out, method=args.method,
@@ -423,7 +432,13 @@ def cmd_field(args) -> int:
     return run_field_command(args)
 
 
-COMMANDS = {"phantom": cmd_phantom, "field": cmd_field, "reconstruct": cmd_reconstruct, "evaluate": cmd_evaluate,
+def cmd_batch(args) -> int:
+    from .cli_batch import cmd_batch as run_batch_command
+
+    return run_batch_command(args)
+
+
+COMMANDS = {"phantom": cmd_phantom, "batch": cmd_batch, "field": cmd_field, "reconstruct": cmd_reconstruct, "evaluate": cmd_evaluate,
             "export-dicom": cmd_export_dicom, "demo": cmd_demo}
 
 

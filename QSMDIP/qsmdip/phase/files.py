@@ -127,9 +127,11 @@ def merge_acquisition_parameters(files: MultiEchoFiles, echo_times_s: Optional[S
 
 def write_multi_echo(directory: Path, phase_rad: np.ndarray, magnitude: np.ndarray, grid: Volume,
                      echo_times_s: Sequence[float], b0_tesla: float, *, layout: str = "bids",
-                     subject: str = "01", phase_scale: str = "radians") -> Tuple[List[Path], List[Path]]:
+                     subject: str = "01", session: Optional[str] = None,
+                     phase_scale: str = "radians") -> Tuple[List[Path], List[Path]]:
     """Write echoes as BIDS (one file per echo, with sidecars) or as two 4D NIfTI files.
 
+    BIDS files go to ``sub-<subject>[/ses-<session>]/anat`` under ``directory``.
     ``phase_scale`` "radians" writes float radians; "siemens" writes integers -4096..4095 as Siemens does.
     Returns (phase paths, magnitude paths).
     """
@@ -152,12 +154,13 @@ def write_multi_echo(directory: Path, phase_rad: np.ndarray, magnitude: np.ndarr
         return [phase_path], [mag_path]
     if layout != "bids":
         raise QSMInputError(f"unknown layout {layout!r}: use bids or 4d")
-    anat = directory / f"sub-{subject}" / "anat"
+    anat = directory / f"sub-{subject}" / (f"ses-{session}" if session else "") / "anat"
     anat.mkdir(parents=True, exist_ok=True)
+    prefix = f"sub-{subject}" + (f"_ses-{session}" if session else "")
     phases, mags = [], []
     for n, te in enumerate(echo_times_s, start=1):
         for part, data, out in (("phase", stored[n - 1], phases), ("mag", magnitude[n - 1], mags)):
-            path = anat / f"sub-{subject}_echo-{n}_part-{part}_MEGRE.nii.gz"
+            path = anat / f"{prefix}_echo-{n}_part-{part}_MEGRE.nii.gz"
             write_volume(path, np.asarray(data), grid)
             sidecar_path(path).write_text(json.dumps({"EchoTime": float(te), "MagneticFieldStrength": float(b0_tesla),
                                                       "EchoNumber": n}, indent=1))
