@@ -241,15 +241,23 @@ def test_cohort_outputs_sidecars_failure_and_skip_on_rerun(dataset, tmp_path, ca
     assert listed["sub-02"].startswith("refuse") and listed["sub-04"] == "run (absent)"
 
 
-def test_manifest_of_local_fields_runs_to_derivatives(dataset, tmp_path):
+def test_manifest_of_local_fields_on_an_existing_scheduler(dataset, tmp_path):
     from qsmdip.field_runner import FieldRequest, run_field
 
     run_field(FieldRequest(phase_paths=[str(dataset / "sub-01" / "anat" / "sub-01_echo-1_part-phase_MEGRE.nii.gz")],
                            field_output_path=str(tmp_path / "field.nii.gz"), mask_output_path=str(tmp_path / "mask.nii.gz")))
     (tmp_path / "cohort.csv").write_text("subject,field,mask\nA,field.nii.gz,mask.nii.gz\nB,field.nii.gz,missing.nii.gz\n")
     out = tmp_path / "out"
-    code = cli.main(["batch", str(tmp_path / "cohort.csv"), "--input", "localfield", "--out", str(out), "--method",
-                     "tikhonov", "--workers", "1", "--no-progress"])
+    # a cluster started as the batch starts its own: workers get the thread count, and not Dask's malloc trim
+    # setting that slows torch 2.7x; then the batch joins it through its address
+    handle = cluster.start(cluster.ClusterOptions(workers=1, threads=2, dashboard=False), allowed_failures=1)
+    try:
+        env = handle.client.run(lambda: {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_")})
+        assert list(env.values()) == [{"OMP_NUM_THREADS": "2", "MALLOC_TRIM_THRESHOLD_": None}]
+        code = cli.main(["batch", str(tmp_path / "cohort.csv"), "--input", "localfield", "--out", str(out), "--method",
+                         "tikhonov", "--scheduler", handle.client.scheduler.address, "--no-progress"])
+    finally:
+        handle.close()
     rows = summary(out)
     assert code == 1 and rows["sub-A"]["status"] == "done" and rows["sub-B"]["status"] == "failed"
     assert "missing.nii.gz" in rows["sub-B"]["error"]

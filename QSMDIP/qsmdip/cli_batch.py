@@ -91,7 +91,10 @@ def batch_request(args: argparse.Namespace):
     gpus = args.gpus
     if gpus is None:
         gpus = _visible_gpus() if args.device != "cpu" and not args.cluster and not args.scheduler else 0
-    options = ClusterOptions(scheduler=args.scheduler, kind=args.cluster, workers=args.workers, threads=args.threads,
+    workers = args.workers
+    if workers is None and gpus and args.device != "cpu" and not args.cluster:
+        workers = 0  # every subject goes to a GPU: CPU workers would only sit idle
+    options = ClusterOptions(scheduler=args.scheduler, kind=args.cluster, workers=workers, threads=args.threads,
                              gpus=gpus, cores=args.cores, memory=args.memory, walltime=args.walltime,
                              queue=args.queue, job_directives=list(args.job_directive))
     pipeline = {field: getattr(args, flag) for flag, field in args.pipeline_flags.items() if getattr(args, flag)}

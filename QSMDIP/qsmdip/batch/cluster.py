@@ -95,6 +95,18 @@ def local_worker_count(threads: int, *, cores: Optional[int] = None, memory_byte
     return max(1, min(cores // max(1, threads), int(memory_bytes // LOCAL_MEMORY_PER_WORKER)))
 
 
+def worker_environment(threads: int) -> Dict[str, Any]:
+    """Dask settings for the environment of the worker processes a Nanny spawns.
+
+    Dask's default ``MALLOC_TRIM_THRESHOLD_=65536`` makes glibc hand memory back to the system after every
+    large free; torch frees and reallocates its tensors each iteration, and a TV inversion ran 2.7 times
+    slower in such a worker (4.4 s against 12.0 s at 4 mm). ``None`` unsets it, leaving glibc's default.
+    """
+    key = "distributed.nanny.pre-spawn-environ"
+    return {f"{key}.MALLOC_TRIM_THRESHOLD_": None, f"{key}.OMP_NUM_THREADS": int(threads),
+            f"{key}.MKL_NUM_THREADS": int(threads)}
+
+
 def local_worker_specs(workers: int, threads: int, gpus: int, memory_limit: Any) -> Dict[str, Dict[str, Any]]:
     """Nanny specs for :class:`distributed.SpecCluster`: ``workers`` CPU workers, then one per GPU."""
     from distributed import Nanny
@@ -121,9 +133,9 @@ def start(options: ClusterOptions, *, allowed_failures: int, verbose: bool = Fal
         os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
         for name in ("distributed", "dask_jobqueue"):
             logging.getLogger(name).setLevel(logging.ERROR)
-    dask.config.set({"distributed.scheduler.allowed-failures": int(allowed_failures)})
     if options.threads < 1:
         raise QSMInputError(f"--threads must be at least 1, got {options.threads}")
+    dask.config.set({"distributed.scheduler.allowed-failures": int(allowed_failures), **worker_environment(options.threads)})
     if options.scheduler:
         try:
             client = distributed.Client(options.scheduler, timeout="20s")
@@ -181,7 +193,9 @@ def jobqueue_cluster(options: ClusterOptions) -> Any:
     return cls(cores=options.cores, processes=processes, memory=options.memory, walltime=options.walltime,
                queue=options.queue, job_extra_directives=directives,
                worker_extra_args=["--resources", resources],
-               job_script_prologue=[f"export OMP_NUM_THREADS={threads}"],
+               job_script_prologue=[f"export OMP_NUM_THREADS={threads}",  # see worker_environment
+                                    "export DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON__MALLOC_TRIM_THRESHOLD_=None",
+                                    f"export DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON__OMP_NUM_THREADS={threads}"],
                scheduler_options={"dashboard_address": ":8787" if options.dashboard and _has_bokeh() else None})
 
 

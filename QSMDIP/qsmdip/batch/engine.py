@@ -78,6 +78,9 @@ def plan_batch(request: BatchRequest) -> Plan:
         raise QSMInputError(f"--retries must be 0 or more, got {request.retries}")
     if str(request.device).lower() not in DEVICES:
         raise QSMInputError(f"unknown device {request.device!r} for batch: use one of {', '.join(DEVICES)}")
+    options = request.cluster
+    if str(request.device).lower() == "cuda" and not options.scheduler and not options.gpus:
+        raise QSMInputError("--device cuda, but no worker has a GPU (use --gpus N)")
     if request.kind == "bids":
         acquisitions = discover_bids(Path(request.input_path), request.participants)
     else:
@@ -118,14 +121,15 @@ def run_batch(request: BatchRequest, plan: Plan, listener: Optional[BatchListene
         outcomes[acq.prefix] = Outcome(acq.prefix, acq.subject, acq.session, "pending")
     out.mkdir(parents=True, exist_ok=True)
     with _Lock(out):
-        _write_dataset_description(out, _input_root(request))
-        write_summary(out, list(outcomes.values()))
         if not plan.to_run:
+            write_summary(out, list(outcomes.values()))
             return list(outcomes.values())
-        _prepare_state(out, plan.to_run)
         handle = start(request.cluster, allowed_failures=request.retries, verbose=verbose)
         try:
             device = _device(request.device, handle)
+            _write_dataset_description(out, _input_root(request))
+            write_summary(out, list(outcomes.values()))
+            _prepare_state(out, plan.to_run)
             job = BatchJob(out_root=str(out.resolve()), method=request.method, preset=request.preset,
                            settings=dict(request.settings), pipeline=dict(request.pipeline), device=device,
                            threads=handle.threads, input_root=_input_root(request), config=plan.config,
