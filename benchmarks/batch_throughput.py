@@ -112,7 +112,7 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     loops = {r["total_threads"]: r["seconds"] for r in rows if r["run"].startswith("loop")}
-    print(f"| run | seconds | subjects/hour | median s/subject | time / loop at the same threads |")
+    print("| run | seconds | subjects/hour | median s/subject | time / loop at the same threads |")
     print("|---|---|---|---|---|")
     for r in rows:
         ratio = r["seconds"] / loops[r["total_threads"]]

@@ -217,8 +217,7 @@ def _available_cores() -> int:
 
 
 def _has_bokeh() -> bool:
-    try:
-        import bokeh  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether the dashboard can be served (it needs bokeh)."""
+    import importlib.util
+
+    return importlib.util.find_spec("bokeh") is not None

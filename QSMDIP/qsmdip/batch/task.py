@@ -19,7 +19,7 @@ import traceback
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 from ..errors import QSMInputError, is_out_of_memory
 from . import provenance
