@@ -24,7 +24,7 @@ pytest.importorskip("nilearn")
 from qsmdip import cli  # noqa: E402
 from qsmdip import io as qio  # noqa: E402
 from qsmdip.batch import cluster, discovery, provenance  # noqa: E402
-from qsmdip.batch.engine import BatchRequest, plan_batch  # noqa: E402
+from qsmdip.batch.engine import BatchRequest, _input_root, plan_batch  # noqa: E402
 from qsmdip.errors import QSMInputError  # noqa: E402
 
 import gre_data  # noqa: E402
@@ -73,7 +73,7 @@ def test_discovery_finds_subjects_sessions_and_runs_and_ignores_derivatives(data
     for name in sorted(os.listdir(dataset / "sub-01" / "anat")):
         data = (dataset / "sub-01" / "anat" / name).read_bytes()
         for run in (1, 2):
-            (anat / name.replace("sub-01_", f"sub-07_run-{run}_").replace("_run-1_echo", "_run-1_echo")).write_bytes(data)
+            (anat / name.replace("sub-01_", f"sub-07_run-{run}_")).write_bytes(data)
         (derived / name.replace("sub-01_", "sub-07_")).write_bytes(data)
     runs = discovery.discover_bids(copy)
     assert [a.prefix for a in runs] == ["sub-07_run-1", "sub-07_run-2"]
@@ -84,7 +84,28 @@ def test_discovery_finds_subjects_sessions_and_runs_and_ignores_derivatives(data
         discovery.discover_bids(tmp_path / "bids" / "derivatives")
 
 
-def test_manifest_of_local_fields(tmp_path):
+def test_discovery_of_entities_mixed_extensions_relative_and_linked_roots(tmp_path, monkeypatch):
+    anat = tmp_path / "data" / "sub-05" / "ses-1" / "anat"
+    anat.mkdir(parents=True)
+    prefix = "sub-05_ses-1_acq-fast_run-2"
+    for n in (1, 2):  # phase as .nii.gz, magnitude as .nii: both are BIDS
+        (anat / f"{prefix}_echo-{n}_part-phase_MEGRE.nii.gz").write_bytes(b"")
+        (anat / f"{prefix}_echo-{n}_part-mag_MEGRE.nii").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    [acq] = discovery.discover_bids(Path("data"))  # relative: a worker in another folder must still find it
+    assert (acq.prefix, acq.subject, acq.session) == (prefix, "05", "1")
+    assert [Path(p).name for p in acq.magnitude] == [f"{prefix}_echo-{n}_part-mag_MEGRE.nii" for n in (1, 2)]
+    assert all(os.path.isabs(p) for p in acq.phase + acq.magnitude)
+    # through a linked folder, inputs are still named relative to the dataset (sidecars' bids:raw: sources)
+    (tmp_path / "link").symlink_to(tmp_path / "data")
+    [linked] = discovery.discover_bids(tmp_path / "link")
+    root = _input_root(BatchRequest(str(tmp_path / "link"), str(tmp_path / "out")))
+    assert provenance._relative(linked.phase[0], root) == f"sub-05/ses-1/anat/{prefix}_echo-1_part-phase_MEGRE.nii.gz"
+    (anat / f"{prefix}_echo-2_part-mag_MEGRE.nii").unlink()  # a magnitude echo missing: none at all
+    assert discovery.discover_bids(Path("data"))[0].magnitude == ()
+
+
+def test_manifest_of_local_fields(tmp_path, monkeypatch):
     (tmp_path / "a").mkdir()
     (tmp_path / "m.csv").write_text("subject,session,field,mask,magnitude\n01,,a/f.nii.gz,a/m.nii.gz,\n"
                                     "sub-02,2,/abs/f.nii.gz,/abs/m.nii.gz,/abs/mag.nii.gz\n")
@@ -101,11 +122,20 @@ def test_manifest_of_local_fields(tmp_path):
     (tmp_path / "label.csv").write_text("subject,field,mask\n0_1,f,m\n")
     with pytest.raises(QSMInputError, match="not a BIDS label"):
         discovery.read_manifest(tmp_path / "label.csv")
+    (tmp_path / "extra.csv").write_text("subject,field,mask\n\n01,f,m,x\n")
+    with pytest.raises(QSMInputError, match="extra.csv:3: more values"):
+        discovery.read_manifest(tmp_path / "extra.csv")
+    # a spreadsheet's byte-order mark; a manifest named relative to the working folder gives absolute paths
+    (tmp_path / "a" / "bom.csv").write_text("\ufeffsubject,field,mask\n01,f.nii,m.nii\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    [acq] = discovery.read_manifest(Path("a/bom.csv"))
+    assert acq.field == str(tmp_path / "a" / "f.nii")
 
 
 # ---------------------------------------------------------------- cluster set-up (no workers started)
 
-def test_gpu_workers_see_one_gpu_each_and_cpu_tasks_never_take_a_gpu_slot():
+def test_gpu_workers_see_one_gpu_each_and_cpu_tasks_never_take_a_gpu_slot(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     specs = cluster.local_worker_specs(2, 3, 2, "1GB")
     assert sorted(specs) == ["cpu-0", "cpu-1", "gpu-0", "gpu-1"]
     assert specs["gpu-1"]["options"]["env"]["CUDA_VISIBLE_DEVICES"] == "1"
@@ -113,6 +143,10 @@ def test_gpu_workers_see_one_gpu_each_and_cpu_tasks_never_take_a_gpu_slot():
     assert specs["cpu-0"]["options"]["env"]["CUDA_VISIBLE_DEVICES"] == ""
     assert specs["cpu-0"]["options"]["env"]["OMP_NUM_THREADS"] == "3"
     assert all(spec["options"]["nthreads"] == 1 for spec in specs.values())
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")  # e.g. a SLURM allocation: GPU 0 is another job's
+    assert cluster.local_worker_specs(0, 1, 2, "1GB")["gpu-0"]["options"]["env"]["CUDA_VISIBLE_DEVICES"] == "2"
+    with pytest.raises(QSMInputError, match="CUDA_VISIBLE_DEVICES"):
+        cluster.local_worker_specs(0, 1, 3, "1GB")
     handle = cluster.ClusterHandle(None, None, "", True, 2, 1)
     assert handle.resources("cuda") == {"subject": 1, "GPU": 1}
     assert handle.resources("cpu") == {"subject": 1}

@@ -66,7 +66,8 @@ def add_batch_parser(sub: Any) -> None:
     bt.add_argument("--job-directive", action="append", default=[], metavar="LINE",
                     help="--cluster: an extra scheduler directive, e.g. --account=abc (repeatable)")
     bt.add_argument("--retries", type=int, default=2,
-                    help="times a subject is retried when its worker dies (killed, out of memory); default 2")
+                    help="times a subject is retried when its worker dies (killed, out of memory); default 2 "
+                         "(with --scheduler, that scheduler's allowed-failures applies)")
     bt.add_argument("--overwrite", action="store_true",
                     help="replace outputs made with other settings (default: refuse them in the summary)")
     bt.add_argument("--dry-run", action="store_true", help="list what would run and what would be skipped; run nothing")

@@ -6,6 +6,7 @@
 - :mod:`.cluster` starts or joins the Dask cluster (local, an existing scheduler, or SLURM/PBS/SGE);
 - :mod:`.engine` plans, submits, follows and summarises the run.
 
-Only :mod:`.cluster` and :mod:`.engine` import Dask (the optional extra ``qsmdip[batch]``); the
-single-subject commands never import this package.
+Only :mod:`.cluster` and :mod:`.engine` import Dask (the optional extra ``qsmdip[batch]``), and only
+inside functions: the command line's parser imports :mod:`.cluster` for the ``batch`` flags, so no module
+here may import Dask at the top, or every command would.
 """

@@ -112,15 +112,22 @@ def local_worker_specs(workers: int, threads: int, gpus: int, memory_limit: Any)
     from distributed import Nanny
 
     specs: Dict[str, Dict[str, Any]] = {}
+    # GPU g is the g-th device this process may use: under CUDA_VISIBLE_DEVICES=2,3 (a SLURM allocation),
+    # worker gpu-0 must get "2", not the physical GPU 0 another job holds
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if "CUDA_VISIBLE_DEVICES" in os.environ and gpus > len(visible):
+        raise QSMInputError(f"--gpus {gpus}, but CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']!r}"
+                            f" lets this process use {len(visible)}")
     common_env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     for n in range(workers):
         specs[f"cpu-{n}"] = {"cls": Nanny, "options": {"nthreads": 1, "memory_limit": memory_limit,
                                                         "resources": {"subject": 1},
                                                         "env": {**common_env, "CUDA_VISIBLE_DEVICES": ""}}}
     for g in range(gpus):
+        device = visible[g] if visible else str(g)
         specs[f"gpu-{g}"] = {"cls": Nanny, "options": {"nthreads": 1, "memory_limit": memory_limit,
                                                         "resources": {"subject": 1, "GPU": 1},
-                                                        "env": {**common_env, "CUDA_VISIBLE_DEVICES": str(g)}}}
+                                                        "env": {**common_env, "CUDA_VISIBLE_DEVICES": device}}}
     return specs
 
 

@@ -7,6 +7,9 @@ Two inputs:
 - a CSV manifest of local fields (``--input localfield``): columns ``subject``, ``field``, ``mask`` and
   optionally ``session``, ``magnitude`` (paths relative to the CSV's folder). Fields are in ppm.
 
+Input paths are made absolute here, so a worker whose working folder differs (PBS and SGE jobs start in
+``$HOME``) reads the same files and names them the same way in the sidecars.
+
 Outputs follow BIDS derivatives: ``sub-X[/ses-Y]/anat/<prefix>_Chimap.nii.gz`` (ppm), the local field
 ``<prefix>_desc-local_fieldmap.nii.gz`` (ppm) and ``<prefix>_desc-qsm_mask.nii.gz``, where ``<prefix>`` is
 the acquisition's entities (``sub-01_ses-2_run-1``).
@@ -14,6 +17,7 @@ the acquisition's entities (``sub-01_ses-2_run-1``).
 from __future__ import annotations
 
 import csv
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,7 +78,7 @@ def discover_bids(root: Path, participants: Optional[Sequence[str]] = None) -> L
     ``participants`` (labels with or without ``sub-``) keeps only those subjects; a label that matches no
     subject is an error, so a typo does not silently run nothing.
     """
-    root = Path(root)
+    root = Path(os.path.abspath(root))
     if not root.is_dir():
         raise QSMInputError(f"the BIDS folder {root} does not exist or is not a folder")
     wanted = _participant_labels(participants)
@@ -95,10 +99,8 @@ def discover_bids(root: Path, participants: Optional[Sequence[str]] = None) -> L
         if wanted and entities["sub"] not in wanted:
             continue
         phase = tuple(str(echoes[n]) for n in sorted(echoes))
-        twins = [p.replace("_part-phase_", "_part-mag_") for p in phase]
-        magnitude = tuple(twins) if all(Path(p).is_file() for p in twins) else ()
         found.append(Acquisition(subject=entities["sub"], session=entities.get("ses"), prefix=prefix + rest,
-                                 kind="bids", phase=phase, magnitude=magnitude))
+                                 kind="bids", phase=phase, magnitude=_magnitude_twins(phase)))
     if wanted:
         missing = sorted(wanted - {a.subject for a in found})
         if missing:
@@ -111,13 +113,14 @@ def discover_bids(root: Path, participants: Optional[Sequence[str]] = None) -> L
 
 def read_manifest(path: Path, participants: Optional[Sequence[str]] = None) -> List[Acquisition]:
     """The acquisitions of a CSV manifest of local fields (see the module docstring), sorted by prefix."""
-    path = Path(path)
+    path = Path(os.path.abspath(path))
     if not path.is_file():
         raise QSMInputError(f"the manifest {path} does not exist (with --input localfield, give a CSV file)")
     try:
-        with open(path, newline="") as handle:
-            rows = list(csv.DictReader(handle))
-            header = [h.strip() for h in (rows[0].keys() if rows else [])]
+        with open(path, newline="", encoding="utf-8-sig") as handle:  # -sig: a spreadsheet's byte-order mark
+            reader = csv.DictReader(handle)
+            rows = [(reader.line_num, row) for row in reader]
+            header = [h.strip() for h in reader.fieldnames or []]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise QSMInputError(f"cannot read the manifest {path}: {exc}") from exc
     if not rows:
@@ -131,8 +134,10 @@ def read_manifest(path: Path, participants: Optional[Sequence[str]] = None) -> L
         raise QSMInputError(f"the manifest {path} has unknown column(s) {', '.join(unknown)}")
     wanted = _participant_labels(participants)
     found = []
-    for line, row in enumerate(rows, start=2):
-        row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
+    for line, row in rows:
+        if None in row:  # csv puts the values beyond the header under the key None
+            raise QSMInputError(f"{path}:{line}: more values than the header's {len(header)} columns")
+        row = {k.strip(): (v or "").strip() for k, v in row.items()}
         subject = _label(row["subject"].removeprefix("sub-"), f"{path}:{line}: subject")
         session = _label(row["session"].removeprefix("ses-"), f"{path}:{line}: session") if row.get("session") else None
         if wanted and subject not in wanted:
@@ -154,6 +159,20 @@ def read_manifest(path: Path, participants: Optional[Sequence[str]] = None) -> L
             raise QSMInputError(f"participant(s) {', '.join(absent)} are not in the manifest {path}")
     _check_unique(found)
     return sorted(found, key=lambda a: a.prefix)
+
+
+def _magnitude_twins(phase: Sequence[str]) -> Tuple[str, ...]:
+    """The ``part-mag`` file of each phase echo, ``.nii.gz`` or ``.nii`` (BIDS allows either, whatever the
+    phase's), the phase's own extension first; ``()`` unless every echo has one."""
+    twins = []
+    for image in map(Path, phase):
+        stem = image.name.replace("_part-phase_", "_part-mag_").split(".nii")[0]
+        extensions = (".nii.gz", ".nii") if image.name.endswith(".gz") else (".nii", ".nii.gz")
+        found = [image.with_name(stem + ext) for ext in extensions if image.with_name(stem + ext).is_file()]
+        if not found:
+            return ()
+        twins.append(str(found[0]))
+    return tuple(twins)
 
 
 def _participant_labels(participants: Optional[Sequence[str]]) -> set:

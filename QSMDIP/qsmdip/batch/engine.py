@@ -15,6 +15,7 @@ import os
 import shutil
 import socket
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -147,9 +148,12 @@ def _run_on(handle: ClusterHandle, job: BatchJob, acquisitions: List[Acquisition
     from distributed import as_completed
 
     resources = handle.resources(job.device)
+    # a key of this run only: a scheduler that already holds a key (another --out's sub-01, or a cancelled run's
+    # task still running) keeps its task and hands that task's result to the new future
+    run = uuid.uuid4().hex[:8]
     futures = {}
     for acq in acquisitions:
-        future = handle.client.submit(process_acquisition, acq, job, key=f"qsmdip-{acq.prefix}-{job.config_hash}",
+        future = handle.client.submit(process_acquisition, acq, job, key=f"qsmdip-{acq.prefix}-{run}",
                                       pure=False, resources=resources)
         futures[future] = acq
     done = 0
@@ -245,8 +249,10 @@ def _prepare_state(out: Path, acquisitions: List[Acquisition]) -> None:
 
 
 def _input_root(request: BatchRequest) -> str:
-    path = Path(request.input_path)
-    return str((path if request.kind == "bids" else path.parent).resolve())
+    """The folder inputs are named relative to: absolute like discovery's paths, symbolic links kept (a
+    resolved root would not be a prefix of the inputs' paths under a linked folder)."""
+    path = Path(os.path.abspath(request.input_path))
+    return str(path if request.kind == "bids" else path.parent)
 
 
 def _check_out_root(out: Path, input_path: Path) -> None:
