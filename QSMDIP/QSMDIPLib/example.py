@@ -4,7 +4,7 @@ The phantom is written by the library's own command line (``python -m qsmdip pha
 Python, never in Slicer's process: the realistic phantom (MNI152 tissue maps shipped inside nilearn;
 nothing is downloaded) when nilearn is importable there, else the simple block phantom. At 4 mm
 (42 x 50 x 43 voxels) it is made in about 10 s and TKD, Tikhonov and TV run on it in seconds. The example
-selects DIP with :data:`EXAMPLE_DIP_ITERATIONS` iterations: on 2 CPU cores, alone, that run took 45 s (NRMSE
+selects DIP with :data:`EXAMPLE_DIP_ITERATIONS` iterations: on 2 CPU cores, alone, in fp32, that run took 45 s (NRMSE
 31.6 %; 31.2 % when the hold-out stops it after 79 iterations in 76 s; TV 32.4 %), so the whole flow, phantom
 included, takes under a minute.
 """

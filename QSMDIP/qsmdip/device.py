@@ -1,6 +1,8 @@
 """Choosing the torch device, and saying in words what was chosen and why."""
 from __future__ import annotations
 
+import functools
+import sys
 from typing import Tuple
 
 import torch
@@ -38,3 +40,23 @@ def resolve_device(choice: str = "auto") -> Tuple[torch.device, str]:
             raise QSMInputError("device 'mps' requested but Apple MPS is not available")
         return torch.device("mps"), "Apple GPU (MPS), as requested"
     raise QSMInputError(f"unknown device {choice!r}: use one of {', '.join(DEVICE_CHOICES)}")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (Intel AMX or AVX512-BF16, as Linux reports them).
+
+    On such CPUs oneDNN runs bf16 3D convolutions about 3x faster than fp32; elsewhere bf16 is emulated and
+    slower, so it is used only where the flag is seen. Other systems than Linux answer False.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"amx_bf16", "avx512_bf16"})
+    except OSError:
+        return False
+    return False

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..device import resolve_device
+from ..device import cpu_has_native_bf16, resolve_device
 from ..errors import QSMInputError
 from ..geometry import SUPERIOR, check_voxel_size, unit_vector
 from ..networks import UNet3d
@@ -62,7 +62,7 @@ class DIPSettings:
     original method's settings are the "original" preset.
     """
 
-    iterations: int = 250                      #: maximum number of Adam steps (>= 1)
+    iterations: int = 200                      #: maximum number of Adam steps (>= 1)
     learning_rate: float = 1e-3                #: Adam step size (> 0)
     betas: Tuple[float, float] = (0.9, 0.999)  #: Adam moment decays, each in [0, 1) (original: 0.5, 0.999)
     width: int = 16                            #: U-Net channels at full resolution (>= 1)
@@ -73,7 +73,8 @@ class DIPSettings:
     regulariser: str = "none"                  #: "none", "laplacian" (26-neighbour, L1) or "tv" (isotropic, per mm)
     reg_weight: float = 0.0                    #: weight of the regulariser (>= 0)
     seed: int = 0                              #: seeds the weights and the noise input (>= 0)
-    mixed_precision: bool = True               #: bf16/fp16 autocast of the network on CUDA (FFTs stay fp32)
+    #: autocast of the network (FFTs stay fp32): bf16 (fp16 without bf16) on CUDA, bf16 on a CPU with hardware bf16
+    mixed_precision: bool = True
     max_seconds: Optional[float] = None        #: wall-time limit in seconds (> 0), None for none
     pad_factor: float = 2.0                    #: FFT zero-padding factor (>= 1; 2 avoids wrap-around)
     normalise: bool = True                     #: fit the field divided by its RMS in the mask (not in the original)
@@ -245,6 +246,17 @@ class _HoldoutStop:
         return self.smoothed > (1 + self.rise) * self.best
 
 
+def _autocast_dtype(mixed_precision: bool, device: torch.device) -> Tuple[bool, torch.dtype]:
+    """Whether to autocast the network, and to what: bf16 where the hardware has it, fp16 on older GPUs."""
+    if not mixed_precision:
+        return False, torch.float32
+    if device.type == "cuda":
+        return True, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return True, torch.bfloat16
+    return False, torch.float32
+
+
 def _device_label(device: torch.device) -> str:
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
@@ -352,12 +364,11 @@ def solve_dip(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[f
     jitter_generator = torch.Generator(device=torch_device).manual_seed(settings.seed + 1) if jitter > 0 else None
 
     optimiser = torch.optim.Adam(net.parameters(), lr=settings.learning_rate, betas=settings.betas)
-    use_amp = settings.mixed_precision and torch_device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    use_amp, amp_dtype = _autocast_dtype(settings.mixed_precision, torch_device)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
 
     def network_output() -> torch.Tensor:
-        ctx = torch.autocast("cuda", dtype=amp_dtype) if use_amp else contextlib.nullcontext()
+        ctx = torch.autocast(torch_device.type, dtype=amp_dtype) if use_amp else contextlib.nullcontext()
         x = net_input
         if jitter > 0:
             fresh = torch.zeros_like(x)
@@ -432,4 +443,5 @@ def solve_dip(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[f
             break
 
     return SolveResult(chi_ppm=to_ppm(estimate), method="dip", iterations=iteration, elapsed_s=clock.elapsed_s,
-                       stop_reason=stop_reason, loss_history=history, device=_device_label(torch_device))
+                       stop_reason=stop_reason, loss_history=history,
+                       device=_device_label(torch_device) + (f" ({str(amp_dtype).split('.')[-1]} network)" if use_amp else ""))
