@@ -180,6 +180,9 @@ def test_slurm_job_script_asks_for_the_gpu_and_declares_the_resources():
     (["{data}", "--out", "{out}", "--method", "tkd", "--set", "nope=1"], "nope"),
     (["{data}", "--out", "{out}", "--cluster", "slurm"], "needs --cores and --memory"),
     (["{data}", "--out", "{out}", "--cores", "4"], "only with --cluster"),
+    (["{data}", "--out", "{out}", "--scheduler", "tcp://127.0.0.1:1", "--workers", "3"], "not apply to --scheduler"),
+    (["{data}", "--out", "{out}", "--cluster", "pbs", "--cores", "4", "--memory", "8GB", "--gpus", "1"],
+     "needs --job-directive"),
     (["{data}", "--out", "{out}", "--participant-label", "99"], "participant"),
     (["{data}", "--out", "{out}", "--device", "cuda", "--gpus", "0", "--method", "tkd"], "no worker has a GPU"),
 ])

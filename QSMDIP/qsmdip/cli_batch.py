@@ -87,6 +87,10 @@ def batch_request(args: argparse.Namespace):
                      if getattr(args, name) is not None] + (["--job-directive"] if args.job_directive else [])
     if jobqueue_only and not args.cluster:
         raise QSMInputError(f"{', '.join(jobqueue_only)} only with --cluster")
+    ignored = [f"--{name}" for name in ("workers", "gpus") if getattr(args, name) is not None]
+    if args.scheduler and ignored:  # an existing cluster's workers are as they were started
+        raise QSMInputError(f"{', '.join(ignored)} do(es) not apply to --scheduler: the cluster's own workers run the"
+                            " subjects (start GPU workers with --resources GPU=1)")
     if args.kind == "localfield" and any(getattr(args, flag) for flag in args.pipeline_flags):
         raise QSMInputError("--unwrap, --bfr and --offsets apply to --input bids only")
     gpus = args.gpus

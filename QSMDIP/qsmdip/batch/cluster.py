@@ -189,6 +189,10 @@ def jobqueue_cluster(options: ClusterOptions) -> Any:
         raise QSMInputError(f"--cluster {kind} needs {' and '.join(missing)} (per job)")
     if options.gpus not in (0, 1):
         raise QSMInputError("--cluster runs one GPU per job: use --gpus 0 or 1")
+    if options.gpus and kind != "slurm" and not options.job_directives:
+        # PBS and SGE sites name GPUs differently (-l ngpus=1, -l gpu=1, -q gpu...): we cannot guess it
+        raise QSMInputError(f"--cluster {kind} --gpus 1 needs --job-directive with your site's GPU request"
+                            f" (e.g. {'-l ngpus=1' if kind == 'pbs' else '-l gpu=1'})")
     threads = min(options.threads, options.cores)
     processes = 1 if options.gpus else max(1, options.cores // threads)
     resources = "subject=1" + (",GPU=1" if options.gpus else "")
