@@ -113,18 +113,13 @@ def test_manifest_of_local_fields(tmp_path, monkeypatch):
     assert [a.prefix for a in found] == ["sub-01", "sub-02_ses-2"]
     assert found[0].field == str(tmp_path / "a" / "f.nii.gz") and found[0].magnitude_3d is None
     assert found[1].magnitude_3d == "/abs/mag.nii.gz"
-    (tmp_path / "bad.csv").write_text("subject,field\n01,f.nii\n")
-    with pytest.raises(QSMInputError, match="lacks the column.*mask"):
-        discovery.read_manifest(tmp_path / "bad.csv")
-    (tmp_path / "dup.csv").write_text("subject,field,mask\n01,f,m\n01,g,n\n")
-    with pytest.raises(QSMInputError, match="sub-01 appears twice"):
-        discovery.read_manifest(tmp_path / "dup.csv")
-    (tmp_path / "label.csv").write_text("subject,field,mask\n0_1,f,m\n")
-    with pytest.raises(QSMInputError, match="not a BIDS label"):
-        discovery.read_manifest(tmp_path / "label.csv")
-    (tmp_path / "extra.csv").write_text("subject,field,mask\n\n01,f,m,x\n")
-    with pytest.raises(QSMInputError, match="extra.csv:3: more values"):
-        discovery.read_manifest(tmp_path / "extra.csv")
+    for name, text, message in [("bad.csv", "subject,field\n01,f.nii\n", "lacks the column.*mask"),
+                                ("dup.csv", "subject,field,mask\n01,f,m\n01,g,n\n", "sub-01 appears twice"),
+                                ("label.csv", "subject,field,mask\n0_1,f,m\n", "not a BIDS label"),
+                                ("extra.csv", "subject,field,mask\n\n01,f,m,x\n", "extra.csv:3: more values")]:
+        (tmp_path / name).write_text(text)
+        with pytest.raises(QSMInputError, match=message):
+            discovery.read_manifest(tmp_path / name)
     # a spreadsheet's byte-order mark; a manifest named relative to the working folder gives absolute paths
     (tmp_path / "a" / "bom.csv").write_text("\ufeffsubject,field,mask\n01,f.nii,m.nii\n", encoding="utf-8")
     monkeypatch.chdir(tmp_path)

@@ -55,9 +55,10 @@ class ClusterHandle:
 
     @property
     def dashboard_link(self) -> Optional[str]:
+        """The dashboard's address; None when the scheduler serves none (bokeh missing, or turned off)."""
         try:
-            return self.client.dashboard_link if self.cluster is None or self.cluster.scheduler_info else None
-        except Exception:  # noqa: BLE001 - no dashboard (bokeh missing) is not an error
+            return self.client.dashboard_link
+        except Exception:  # noqa: BLE001 - no dashboard is not an error
             return None
 
     def resources(self, device: str) -> Optional[Dict[str, float]]:

@@ -10,7 +10,6 @@ refused; the command line adds 2 for bad input and 130 for Ctrl-C.
 from __future__ import annotations
 
 import csv
-import json
 import os
 import shutil
 import socket
@@ -25,7 +24,7 @@ from ..errors import QSMInputError
 from . import provenance
 from .cluster import ClusterHandle, ClusterOptions, start
 from .discovery import Acquisition, discover_bids, read_manifest
-from .task import STATE_DIR, BatchJob, Outcome, attempts_file, process_acquisition
+from .task import STATE_DIR, BatchJob, Outcome, attempts_file, process_acquisition, read_attempts
 
 SUMMARY_NAME = "qsmdip_batch.tsv"
 SUMMARY_COLUMNS = ("prefix", "subject", "session", "status", "seconds", "attempts", "error")
@@ -171,7 +170,7 @@ def _run_on(handle: ClusterHandle, job: BatchJob, acquisitions: List[Acquisition
             if outcomes[acq.prefix].status == "pending":
                 outcomes[acq.prefix] = Outcome(acq.prefix, acq.subject, acq.session, "cancelled",
                                                error="interrupted (Ctrl-C)",
-                                               attempts=_attempts(out, acq.prefix))
+                                               attempts=read_attempts(out, acq.prefix))
         write_summary(out, list(outcomes.values()))
         raise
 
@@ -181,7 +180,7 @@ def _outcome_of(future: Any, acq: Acquisition, out: Path, job: BatchJob) -> Outc
     try:
         return future.result()
     except Exception as error:  # noqa: BLE001 - KilledWorker, or a task that could not even start
-        attempts = _attempts(out, acq.prefix)
+        attempts = read_attempts(out, acq.prefix)
         if type(error).__name__ == "KilledWorker":
             message = (f"its worker died {attempts} time(s) (killed, or out of memory): gave up after"
                        f" {attempts} attempt(s)")
@@ -229,13 +228,6 @@ def _device(choice: str, handle: ClusterHandle) -> str:
     if choice == "auto":
         return "cuda" if handle.gpu_workers else "cpu"
     return choice
-
-
-def _attempts(out: Path, prefix: str) -> int:
-    try:
-        return int(json.loads(attempts_file(out, prefix).read_text())["attempts"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0
 
 
 def _prepare_state(out: Path, acquisitions: List[Acquisition]) -> None:

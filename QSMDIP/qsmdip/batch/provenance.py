@@ -16,13 +16,13 @@ import hashlib
 import json
 import os
 import platform
-import sys
 import uuid
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional
 
 from .. import __version__
+from ..phase.files import sidecar_path
 from .discovery import Acquisition
 
 #: the packages whose versions a sidecar records (those installed)
@@ -91,23 +91,17 @@ def write_json(path: Path, data: Dict[str, Any]) -> None:
             tmp.unlink()
 
 
-def sidecar_of(image: Path) -> Path:
-    """``x_Chimap.nii.gz`` -> ``x_Chimap.json``."""
-    name = Path(image).name
-    return Path(image).with_name(name[: -len(".nii.gz")] + ".json" if name.endswith(".nii.gz") else Path(name).stem + ".json")
-
-
 def output_state(acquisition: Acquisition, root: Path, config_hash: str, input_root: Optional[Path] = None) -> str:
     """:data:`DONE` when the outputs are current (see the module docstring); else why not."""
     images = acquisition.outputs(root)
-    files = list(images.values()) + [sidecar_of(p) for p in images.values()]
+    files = list(images.values()) + [sidecar_path(p) for p in images.values()]
     present = [f.is_file() for f in files]
     if not any(present):
         return ABSENT
     if not all(present):
         return INCOMPLETE
     try:
-        recorded = json.loads(sidecar_of(images["chimap"]).read_text())["QSMDIP"]
+        recorded = json.loads(sidecar_path(images["chimap"]).read_text())["QSMDIP"]
         old_hash, old_inputs = recorded["ConfigurationHash"], recorded["InputChecksums"]
     except (OSError, ValueError, KeyError, TypeError):
         return INCOMPLETE
@@ -155,6 +149,3 @@ def plain(value: Any) -> Any:
 def host() -> str:
     return platform.node() or "unknown"
 
-
-def command_line() -> str:
-    return " ".join(sys.argv)

@@ -23,6 +23,7 @@ from typing import Any, Dict, Optional
 
 from ..errors import QSMInputError, is_out_of_memory
 from . import provenance
+from ..phase.files import sidecar_path
 from .discovery import Acquisition
 
 #: the folder under the derivatives root that holds the batch's own bookkeeping
@@ -148,10 +149,11 @@ def _publish(acquisition: Acquisition, job: BatchJob, staging: Path, record: Dic
     targets = acquisition.outputs(Path(job.out_root))
     targets["chimap"].parent.mkdir(parents=True, exist_ok=True)
     input_root = Path(job.input_root) if job.input_root else None
-    shared = {"QSMDIPVersion": provenance.software_versions()["qsmdip"], **job.config,
+    versions = provenance.software_versions()
+    shared = {"QSMDIPVersion": versions["qsmdip"], **job.config,
               "ConfigurationHash": job.config_hash, **record,
               "InputChecksums": provenance.fingerprints(acquisition.input_files(), input_root),
-              "SoftwareVersions": provenance.software_versions(), "Host": provenance.host()}
+              "SoftwareVersions": versions, "Host": provenance.host()}
     descriptions = {"chimap": ("ppm", "Susceptibility map (chi) inside the mask, 0 outside"),
                     "local_field": ("ppm", "Local field after background-field removal, in ppm of B0"),
                     "mask": ("", "Mask the local field and the Chimap are valid in (1 inside)")}
@@ -161,26 +163,31 @@ def _publish(acquisition: Acquisition, job: BatchJob, staging: Path, record: Dic
         units, description = descriptions[role]
         data = {"Description": description, **({"Units": units} if units else {}), "Sources": sources,
                 "QSMDIP": shared}
-        provenance.write_json(staging / provenance.sidecar_of(path).name, data)
-    chimap_sidecar = provenance.sidecar_of(targets["chimap"])
+        provenance.write_json(staging / sidecar_path(path).name, data)
+    chimap_sidecar = sidecar_path(targets["chimap"])
     if chimap_sidecar.exists():  # an older record must never vouch for the new images, even for a moment
         chimap_sidecar.unlink()
     for role, path in targets.items():
         os.replace(staging / path.name, path)
     for role in ("local_field", "mask", "chimap"):
-        side = provenance.sidecar_of(targets[role])
+        side = sidecar_path(targets[role])
         os.replace(staging / side.name, side)
+
+
+def read_attempts(out_root: Path, prefix: str) -> int:
+    """How many times the subject's task has started in this run (0 before the first)."""
+    try:
+        return int(json.loads(attempts_file(out_root, prefix).read_text())["attempts"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
 
 
 def _count_attempt(out_root: Path, prefix: str) -> int:
     path = attempts_file(out_root, prefix)
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        count = int(json.loads(path.read_text()).get("attempts", 0))
-    except (OSError, ValueError, AttributeError):
-        count = 0
-    provenance.write_json(path, {"attempts": count + 1, "pid": os.getpid(), "host": provenance.host()})
-    return count + 1
+    count = read_attempts(out_root, prefix) + 1
+    provenance.write_json(path, {"attempts": count, "pid": os.getpid(), "host": provenance.host()})
+    return count
 
 
 def _bug(error: BaseException) -> str:
