@@ -84,7 +84,7 @@ class QSMDIPParameterNode:
     echoTimeS: Annotated[float, WithinRange(0.0001, 1.0)] = 0.02
     method: Annotated[str, Choice(["DIP", "TKD", "Tikhonov", "TV"])] = "DIP"
     iterations: Annotated[int, WithinRange(1, 100000)] = 200
-    learningRate: Annotated[float, WithinRange(0.000001, 1.0)] = 0.001
+    learningRate: Annotated[float, WithinRange(0.000001, 1.0)] = 0.002
     width: Annotated[int, WithinRange(1, 256)] = 16
     updateInterval: Annotated[int, WithinRange(1, 10000)] = 10
     seed: Annotated[int, WithinRange(0, 2147483647)] = 0

@@ -17,8 +17,9 @@ from qsmdip.solvers.tv import TVSettings, solve_tv
 
 VOXEL_MM = (2.0, 2.0, 2.0)
 #: A tiny, quick configuration for the behaviour tests (not for accuracy); no base, so the callback
-#: sees only network iterations (the base's progress has its own test).
-TINY = dict(width=4, depth=2, iterations=6, base="none")
+#: sees only network iterations (the base's progress has its own test). Its smaller step size keeps six
+#: iterations monotone enough for the mechanics checks; the default's own accuracy has its tests below.
+TINY = dict(width=4, depth=2, iterations=6, base="none", learning_rate=1e-3)
 
 
 def ellipsoid(shape, centre, semi_axes):
@@ -69,7 +70,9 @@ def test_default_preset_is_the_measured_hybrid():
     s = PRESETS["default"]
     assert s == DIPSettings()
     assert (s.base, s.input, s.data_loss, s.regulariser) == ("tv", "noise", "l2", "none")
-    assert (s.iterations, s.learning_rate, s.betas, s.width, s.depth) == (200, 1e-3, (0.9, 0.999), 16, 3)
+    assert (s.iterations, s.learning_rate, s.betas, s.width, s.depth) == (200, 2e-3, (0.9, 0.999), 16, 3)
+    # the returned map is the average of the iterates (EMA 0.9), and the hold-out rule judges that average
+    assert (s.ema, s.holdout_fraction, s.holdout_rise) == (0.9, 0.05, 0.1)
     # with a magnitude: a second input channel and a magnitude^2-weighted data term; the base's weight is chosen
     assert (s.magnitude_input, s.magnitude_weighting, s.base_alpha) == (True, True, None)
     assert PRESETS["fast"] == dataclasses.replace(s, width=8)
@@ -300,6 +303,24 @@ def test_default_dip_improves_on_its_tv_start_and_beats_tkd():
     result = solve_dip(field, mask, VOXEL_MM, settings=settings, device="cpu")
     achieved = nrmse(result.chi_ppm, chi, mask)
     assert achieved < tv < tkd, f"DIP NRMSE {achieved:.1f}% vs TV {tv:.1f}% vs TKD {tkd:.1f}%"
+
+
+def test_returned_map_is_the_moving_average_of_the_iterates(tiny_case):
+    """The average does not steer the fit: the network follows the same path, and the map returned is the
+    exponential moving average (decay 0.9) of the iterates that path gives."""
+    chi, mask, field = tiny_case
+    iterates = []
+    raw = solve_dip(field, mask, VOXEL_MM, settings=dip_settings(**{**TINY, "ema": 0.0, "holdout_fraction": 0.0}),
+                    callback=lambda p: iterates.append(p.chi_ppm.astype(np.float64)) and None, callback_every=1,
+                    device="cpu")
+    averaged = solve_dip(field, mask, VOXEL_MM, settings=dip_settings(**{**TINY, "ema": 0.9, "holdout_fraction": 0.0}),
+                         device="cpu")
+    expected = iterates[0]
+    for x in iterates[1:]:
+        expected = 0.9 * expected + 0.1 * x
+    assert len(iterates) == TINY["iterations"] and raw.loss_history == averaged.loss_history
+    np.testing.assert_allclose(averaged.chi_ppm, expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
+    assert not np.allclose(averaged.chi_ppm, raw.chi_ppm, rtol=1e-3, atol=1e-4 * np.abs(expected).max())
 
 
 def test_magnitude_is_used_as_a_prior_only_when_asked(tiny_case):

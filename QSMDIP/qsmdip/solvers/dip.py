@@ -63,7 +63,7 @@ class DIPSettings:
     """
 
     iterations: int = 200                      #: maximum number of Adam steps (>= 1)
-    learning_rate: float = 1e-3                #: Adam step size (> 0)
+    learning_rate: float = 2e-3                #: Adam step size (> 0)
     betas: Tuple[float, float] = (0.9, 0.999)  #: Adam moment decays, each in [0, 1) (original: 0.5, 0.999)
     width: int = 16                            #: U-Net channels at full resolution (>= 1)
     depth: int = 3                             #: U-Net stride-2 downsamplings (>= 1)
@@ -82,7 +82,9 @@ class DIPSettings:
     base_iterations: int = 150                 #: TV-ADMM iterations of the "tv" base (>= 1)
     base_alpha: Optional[float] = None         #: relative TV weight of the base; None: chosen from the data
     input_jitter: float = 0.0                  #: std of fresh noise added to the noise input each step (>= 0)
-    ema: float = 0.0                           #: decay of an exponential moving average of the output (0 = off)
+    #: decay of an exponential moving average of the iterates, returned instead of the last one and judged by
+    #: the hold-out rule (0 = off): it damps the step-to-step jitter of the larger learning rate
+    ema: float = 0.9
     holdout_fraction: float = 0.05             #: share of mask voxels kept out of the fit to stop on (0 = off)
     holdout_rise: float = 0.1                  #: stop once the held-out misfit is this much above its minimum
     magnitude_input: bool = True               #: given a magnitude, feed it to the network as an extra channel
@@ -142,7 +144,7 @@ PRESETS: Dict[str, DIPSettings] = {
     "fast": DIPSettings(width=8),
     "original": DIPSettings(iterations=500, learning_rate=1e-3, betas=(0.5, 0.999), width=16, depth=3,
                             input="field", data_loss="l1", regulariser="laplacian", reg_weight=1e-3,
-                            normalise=False, base="none", mixed_precision=False, holdout_fraction=0.0),
+                            normalise=False, base="none", mixed_precision=False, holdout_fraction=0.0, ema=0.0),
 }
 
 
@@ -301,9 +303,10 @@ def solve_dip(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[f
 
     The fit runs on the mask's bounding box. The result is reproducible bit for bit on the CPU for the
     same ``settings.seed`` (weights and noise come from a private generator; the global RNG is left
-    alone). Stops after ``settings.iterations`` ("completed"), when the misfit on held-out mask voxels
-    has risen by ``settings.holdout_rise`` above its minimum ("holdout", see :class:`_HoldoutStop`; the
-    result is then the estimate at that minimum), at ``settings.max_seconds`` ("time_limit") or when
+    alone). The estimate is the moving average of the iterates when ``settings.ema`` > 0, else the last
+    iterate. Stops after ``settings.iterations`` ("completed"), when the estimate's misfit on held-out mask
+    voxels has risen by ``settings.holdout_rise`` above its minimum ("holdout", see :class:`_HoldoutStop`;
+    the result is then the estimate at that minimum), at ``settings.max_seconds`` ("time_limit") or when
     ``callback`` returns True ("cancelled"). The loss reported is the objective on the normalised field,
     over the fitted voxels.
     """
@@ -421,14 +424,18 @@ def solve_dip(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[f
         history.append(value)
         if not math.isfinite(value):
             raise FloatingPointError(f"DIP loss became {value} at iteration {iteration}; lower the learning rate")
+        held_residual = residual.detach()
         with torch.no_grad():
             current = chi.detach()
             if settings.ema > 0:
                 average = current.clone() if average is None else average.mul_(settings.ema).add_(
                     current, alpha=1 - settings.ema)
                 current = average
+                if holdout.active:
+                    # judge what would be returned: the averaged estimate's misfit on the held-out voxels
+                    held_residual = (op(average) - field_t) * maskf
             estimate = current
-        if holdout.active and holdout.update(residual.detach(), estimate):
+        if holdout.active and holdout.update(held_residual, estimate):
             stop_reason = "holdout"
             estimate = holdout.best_estimate
         elif clock.expired() and iteration < settings.iterations:
