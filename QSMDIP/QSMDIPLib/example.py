@@ -4,9 +4,9 @@ The phantom is written by the library's own command line (``python -m qsmdip pha
 Python, never in Slicer's process: the realistic phantom (MNI152 tissue maps shipped inside nilearn;
 nothing is downloaded) when nilearn is importable there, else the simple block phantom. At 4 mm
 (42 x 50 x 43 voxels) it is made in about 10 s and TKD, Tikhonov and TV run on it in seconds. The example
-selects DIP with :data:`EXAMPLE_DIP_ITERATIONS` iterations: on 2 CPU cores, alone, in fp32, that run took 45 s (NRMSE
-31.6 %; 31.2 % when the hold-out stops it after 79 iterations in 76 s; TV 32.4 %), so the whole flow, phantom
-included, takes under a minute.
+selects DIP with :data:`EXAMPLE_DIP_ITERATIONS` iterations: on 2 CPU cores, alone, in fp32, that run took 46 s (NRMSE
+31.2 % with the magnitude; 30.5 % with the full default run; TV 32.4 %), so the whole flow, phantom included,
+takes under a minute.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from .streaming import read_volume_file, set_default_display
 
 #: Voxel size of the example in mm: small enough for a CPU, large enough to look like a head.
 EXAMPLE_VOXEL_MM = 4
-#: DIP iterations the example selects (the hold-out's best iterate comes at about 50 on it; see the docstring).
+#: DIP iterations the example selects (a short run that already beats TV on it; see the docstring).
 EXAMPLE_DIP_ITERATIONS = 40
 #: Node names of the loaded example (made unique in the scene when already taken).
 EXAMPLE_NAMES = {"field": "Example local field (ppm)", "mask": "Example brain mask",
