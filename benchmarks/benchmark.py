@@ -22,13 +22,13 @@ import sys
 import threading
 import time
 
-import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "QSMDIP"))
 
 import torch  # noqa: E402
 
 from qsmdip.device import resolve_device  # noqa: E402
+from qsmdip.geometry import b0_tilted_about_i  # noqa: E402
 from qsmdip.metrics import all_metrics, nrmse, xsim  # noqa: E402
 from qsmdip.phantom import make_head_phantom  # noqa: E402
 from qsmdip.realistic_phantom import make_realistic_phantom  # noqa: E402
@@ -163,7 +163,7 @@ def main(argv=None):
     report = []
     for kind, voxel in [(k, v) for k in args.phantoms.split(",") for v in args.voxels]:
         for tilt in args.tilts:
-            b0 = (0.0, float(np.sin(np.radians(tilt))), float(np.cos(np.radians(tilt))))
+            b0 = b0_tilted_about_i(tilt)
             snr = args.snr if args.snr is not None else DEFAULT_SNR[kind]
             make = make_realistic_phantom if kind == "realistic" else make_head_phantom
             phantom = make(None, (voxel,) * 3, b0_dir=b0, snr=snr, seed=0)

@@ -14,11 +14,11 @@ import os
 import sys
 import time
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "QSMDIP"))
 
+from qsmdip.geometry import b0_tilted_about_i  # noqa: E402
 from qsmdip.metrics import nrmse, xsim  # noqa: E402
 from qsmdip.phantom import make_head_phantom  # noqa: E402
 from qsmdip.solvers import get_solver, make_settings  # noqa: E402
@@ -106,7 +106,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     common = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
-    b0 = (0.0, float(np.sin(np.radians(args.tilt))), float(np.cos(np.radians(args.tilt))))
+    b0 = b0_tilted_about_i(args.tilt)
     phantom = make_head_phantom(None, (args.voxel,) * 3, b0_dir=b0, snr=args.snr, seed=0)
     print(f"phantom {args.voxel} mm {phantom.chi_ppm.shape} tilt {args.tilt}; common {common}", flush=True)
     out = [run(phantom, n, dict(VARIANTS[n], **common), args.iterations, args.every, args.device)

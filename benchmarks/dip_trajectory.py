@@ -5,8 +5,8 @@ snapshots, and the hold-out rule's smoothed misfit. The record behind docs/dip-e
     python benchmarks/dip_trajectory.py --kind realistic --voxel 2 --magnitude 1 --every 10 --tag new2-mag
     python benchmarks/dip_trajectory.py --kind simple --voxel 3 --set '{"holdout_rise": 100}' --tag no-stop
 
-Each run appends one JSON line to --out (default docs/results/cpu-dip-lr2e-3-ema.jsonl is the committed
-record; write elsewhere for new runs). Run it alone: the seconds are wall time on this machine.
+Each run appends one JSON line to --out (default dip-trajectory.jsonl; the committed record is
+docs/results/cpu-dip-lr2e-3-ema.jsonl). Run it alone: the seconds are wall time on this machine.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "QSMDIP"))
 
 import qsmdip.solvers.dip as dip  # noqa: E402
-from qsmdip.geometry import SUPERIOR  # noqa: E402
+from qsmdip.geometry import b0_tilted_about_i  # noqa: E402
 from qsmdip.metrics import all_metrics, nrmse  # noqa: E402
 from qsmdip.phantom import make_head_phantom  # noqa: E402
 
@@ -47,10 +47,7 @@ def main() -> None:
     parser.add_argument("--out", default="dip-trajectory.jsonl")
     args = parser.parse_args()
 
-    b0 = SUPERIOR
-    if args.tilt:
-        t = np.radians(args.tilt)
-        b0 = (0.0, float(np.sin(t)), float(np.cos(t)))
+    b0 = b0_tilted_about_i(args.tilt)
     voxel = (args.voxel,) * 3
     if args.kind == "realistic":
         from qsmdip.realistic_phantom import make_realistic_phantom

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from qsmdip.errors import QSMInputError
-from qsmdip.geometry import b0_direction_in_voxel_frame, check_voxel_size, mask_bounding_box, unit_vector
+from qsmdip.geometry import (b0_direction_in_voxel_frame, b0_tilted_about_i, check_voxel_size, mask_bounding_box,
+                             unit_vector)
 from qsmdip.units import GAMMA_BAR_MHZ_PER_T, field_to_ppm, ppm_per_unit, ppm_to_unit
 
 
@@ -60,6 +61,8 @@ def test_b0_axial_and_oblique():
     d = rotation_x(math.radians(30))
     b = b0_direction_in_voxel_frame(d)
     assert np.allclose(b, (0, math.sin(math.radians(30)), math.cos(math.radians(30))))
+    # the benchmarks' "tilt" is exactly that acquisition's B0, and 0 degrees is axial
+    assert np.allclose(b0_tilted_about_i(30), b) and b0_tilted_about_i(0) == (0.0, 0.0, 1.0)
     # Sagittal acquisition: k axis along world x, j along world z -> B0 along j.
     sag = np.array([[0, 0, 1], [1, 0, 0], [0, 1, 0]], dtype=float)
     assert np.allclose(np.abs(b0_direction_in_voxel_frame(sag)), (0, 1, 0))

@@ -36,6 +36,15 @@ def unit_vector(vector: Sequence[float], name: str = "B0 direction") -> Vector3:
     return (float(v[0]), float(v[1]), float(v[2]))
 
 
+def b0_tilted_about_i(degrees: float) -> Vector3:
+    """B0 in the voxel frame of an acquisition tilted ``degrees`` about the i axis, from k towards j.
+
+    The benchmarks' and experiments' "oblique" convention, stated once: 0 is axial (B0 along k).
+    """
+    angle = np.radians(float(degrees))
+    return (0.0, float(np.sin(angle)), float(np.cos(angle)))
+
+
 def check_direction_matrix(direction: np.ndarray) -> np.ndarray:
     """Return the 3x3 direction matrix as float64, refusing one that is not orthonormal."""
     d = np.asarray(direction, dtype=np.float64)
