@@ -34,7 +34,7 @@ from ..errors import QSMInputError
 from ..geometry import SUPERIOR, check_voxel_size, unit_vector
 from ..solvers.base import check_inputs, crop_to_mask
 from ..solvers.tv import TVSettings, _TVProblem, choose_alpha
-from .background import BackgroundResult, remove_background_smv
+from .background import remove_background_smv
 
 
 @dataclass
@@ -68,7 +68,7 @@ def single_step_tv(total_field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm:
     settings = TVSettings(alpha=alpha, iterations=int(iterations), tolerance=float(tolerance))
     field32, valid = check_inputs(high.local_field_ppm, high.mask)
     crop = crop_to_mask(field32, valid)
-    scale = float(np.sqrt(np.mean(np.square(crop.field_ppm[crop.mask], dtype=np.float64)))) or 1.0
+    scale = crop.field_scale()
     device = torch.device("cpu")
     with torch.no_grad():
         problem = _TVProblem(crop.field_ppm / scale, crop.mask, vs, b0, settings.pad_factor, device)

@@ -132,6 +132,11 @@ class MaskCrop:
     box: tuple
     full_shape: tuple
 
+    def field_scale(self) -> float:
+        """The field's RMS inside the mask (1 for an all-zero field): the divisor that makes weights scale-free."""
+        rms = float(np.sqrt(np.mean(np.square(self.field_ppm[self.mask], dtype=np.float64))))
+        return rms if rms > 0 else 1.0
+
     def paste(self, chi_box: np.ndarray) -> np.ndarray:
         """Place a box-sized map into a zero volume of the full shape (float32)."""
         full = np.zeros(self.full_shape, dtype=np.float32)

@@ -333,8 +333,7 @@ def solve_dip(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[f
     crop = crop_to_mask(field32, mask_bool)
     scale = 1.0
     if settings.normalise:
-        rms = float(np.sqrt(np.mean(np.square(crop.field_ppm[crop.mask], dtype=np.float64))))
-        scale = rms if rms > 0 else 1.0
+        scale = crop.field_scale()
     field_t = torch.as_tensor(crop.field_ppm / scale, dtype=torch.float32, device=torch_device)
     mask_t = torch.as_tensor(crop.mask, device=torch_device)
     maskf = mask_t.float()
