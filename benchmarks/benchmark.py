@@ -22,7 +22,6 @@ import sys
 import threading
 import time
 
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "QSMDIP"))
 
 import torch  # noqa: E402
@@ -152,7 +151,8 @@ def main(argv=None):
                              "and 200 for the simple one (field SNR)")
     parser.add_argument("--no-sweeps", action="store_true", help="skip the oracle weight sweeps")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--presets", default="default", help="DIP presets to run, comma-separated")
+    parser.add_argument("--presets", default="default",
+                        help="DIP presets to run, comma-separated; 'none' runs the classical methods only")
     parser.add_argument("--tv-iterations", type=int, default=None, help="TV-ADMM iteration cap (default: its own)")
     parser.add_argument("--every", type=int, default=10, help="DIP scoring interval in iterations")
     parser.add_argument("--json", default=None, help="write all figures to this JSON file")
@@ -180,7 +180,7 @@ def main(argv=None):
             magnitudes = [None] + ([phantom.magnitude] if getattr(phantom, "magnitude", None) is not None else [])
             dips = [run_method("dip", phantom, device, preset=preset, trace=True, every=args.every, magnitude=mag,
                                label=f"dip {preset}" + (" +mag" if mag is not None else ""))
-                    for preset in args.presets.split(",") for mag in magnitudes]
+                    for preset in args.presets.split(",") if preset != "none" for mag in magnitudes]
             rows += dips
             print_rows(rows)
             for dip in dips:
