@@ -111,6 +111,19 @@ def test_tv_recovers_and_beats_tkd_on_piecewise_constant(noisy):
     assert fixed.loss_history[-1] < 0.8 * fixed.loss_history[0]
 
 
+def test_tv_alpha_factor_scales_the_chosen_weight_only(noisy):
+    chi, mask, field = noisy
+    plain = solve_tv(field, mask, ISO, settings=FAST_TV, device="cpu")
+    smoother = solve_tv(field, mask, ISO, settings=TVSettings(iterations=60, alpha_factor=2.0), device="cpu")
+    # the same search picks the same weight; only the final solve uses twice it, and the map is smoother
+    assert smoother.chosen["alpha_chosen"] == plain.chosen["alpha_chosen"] == plain.chosen["alpha"]
+    assert smoother.chosen["alpha"] == pytest.approx(2.0 * plain.chosen["alpha"])
+
+    def total_variation(x):
+        return sum(np.abs(np.diff(x, axis=a)).sum() for a in range(3))
+    assert total_variation(smoother.chi_ppm) < total_variation(plain.chi_ppm)
+
+
 def test_tv_converges_before_the_cap(clean):
     chi, mask, field = clean
     result = solve_tv(field, mask, ISO, settings=TVSettings(iterations=500, tolerance=5e-3), device="cpu")
@@ -234,6 +247,7 @@ def test_bad_input_raises(solve, clean):
     lambda: TVSettings(alpha=0.0), lambda: TVSettings(mu1=-1.0), lambda: TVSettings(mu2=0.0),
     lambda: TVSettings(iterations=0), lambda: TVSettings(iterations=2.5),
     lambda: TVSettings(tolerance=-1e-3), lambda: TVSettings(max_seconds=0.0),
+    lambda: TVSettings(alpha_factor=0.0), lambda: TVSettings(alpha_factor=float("nan")),
 ])
 def test_bad_settings_raise(make):
     with pytest.raises(QSMInputError):

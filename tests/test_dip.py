@@ -101,6 +101,7 @@ def test_unknown_preset_or_field_names_it():
     ("base", "tkd2"), ("base_iterations", 0), ("input_jitter", -1.0), ("ema", 1.0),
     ("input", "base"),  # with the default base replaced by none below
     ("holdout_fraction", 0.6), ("holdout_fraction", -0.1), ("holdout_rise", 0.0),
+    ("base_alpha_factor", 0.0), ("base_alpha_factor", float("inf")),
 ])
 def test_invalid_settings_name_the_bad_value(field, value):
     extra = {"base": "none"} if field == "input" and value == "base" else {}
@@ -208,6 +209,7 @@ def test_time_limit_is_not_overshot_by_a_slow_iteration(tiny_case):
     dict(base="tikhonov", ema=0.9, normalise=False, pad_factor=1.0),
     dict(base="tv", base_iterations=5, input="base", input_jitter=0.1),
     dict(base="tv", base_iterations=5, input="noise", input_jitter=0.1, regulariser="laplacian", reg_weight=1e-3),
+    dict(base="tv", base_iterations=5, base_alpha_factor=2.0),
 ])
 def test_input_modes_losses_and_options_run(tiny_case, overrides):
     r = run_tiny(tiny_case, **overrides)
@@ -224,9 +226,11 @@ def test_input_modes_losses_and_options_run(tiny_case, overrides):
 
 def test_tv_base_is_the_start_streams_as_iteration_zero_and_can_be_cancelled(tiny_case):
     chi, mask, field = tiny_case
-    tv = solve_tv(field, mask, VOXEL_MM, settings=TVSettings(iterations=8), device="cpu")
-    seen = []
     settings = dip_settings("default", width=4, depth=2, iterations=4, base_iterations=8)
+    # the base is the library's TV with the automatic weight times the preset's factor (a smoother start)
+    tv = solve_tv(field, mask, VOXEL_MM, settings=TVSettings(iterations=8, alpha_factor=settings.base_alpha_factor),
+                  device="cpu")
+    seen = []
     r = solve_dip(field, mask, VOXEL_MM, settings=settings, callback=seen.append, callback_every=2, device="cpu")
     iterations = [p.iteration for p in seen]
     first_network = iterations.index(2)

@@ -75,6 +75,8 @@ class TVSettings:
             from its larger neighbour (>= 1; each also stops at ``tolerance``).
         holdout_fraction: share of the mask voxels the automatic choice leaves out (0 < f <= 0.5).
         seed: seeds the choice of left-out voxels (>= 0).
+        alpha_factor: the automatic choice's weight is multiplied by this before the final solve (> 0; 1
+            solves at the chosen weight). DIP's base uses it to start the network from a smoother map.
     """
 
     alpha: Optional[float] = None
@@ -89,9 +91,11 @@ class TVSettings:
     cv_iterations: int = 50
     holdout_fraction: float = 0.1
     seed: int = 0
+    alpha_factor: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in (("alpha",) if self.alpha is not None else ()) + ("mu2",) + (("mu1",) if self.mu1 is not None else ()):
+        for name in (("alpha",) if self.alpha is not None else ()) + ("mu2", "alpha_factor") + \
+                (("mu1",) if self.mu1 is not None else ()):
             value = float(getattr(self, name))
             if not (value > 0.0 and np.isfinite(value)):
                 raise QSMInputError(f"TV {name} must be a positive number, got {getattr(self, name)}")
@@ -328,10 +332,12 @@ def solve_tv(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[fl
 
             choice, state = choose_alpha(problem, settings, torch_device, on_candidate=show_candidate,
                                          cancelled=lambda: cancelled or watch.expired())
-            alpha = choice.chosen
-            log.info("tv: alpha %.4g (relative to the field RMS) chosen by hold-out cross-validation over %s",
-                     alpha, ", ".join(f"{a:g}" for a in choice.candidates))
-            chosen = {"alpha": alpha, "alpha_rule": choice.rule, "alpha_scores": dict(zip(choice.candidates, choice.scores))}
+            alpha = choice.chosen * float(settings.alpha_factor)
+            log.info("tv: alpha %.4g (relative to the field RMS) chosen by hold-out cross-validation over %s%s",
+                     choice.chosen, ", ".join(f"{a:g}" for a in choice.candidates),
+                     f"; solved at {settings.alpha_factor:g} x it = {alpha:.4g}" if settings.alpha_factor != 1 else "")
+            chosen = {"alpha": alpha, "alpha_rule": choice.rule, "alpha_chosen": choice.chosen,
+                      "alpha_scores": dict(zip(choice.candidates, choice.scores))}
         else:
             alpha = float(settings.alpha)
             chosen = {"alpha": alpha, "alpha_rule": "given"}
