@@ -124,6 +124,15 @@ def test_tv_alpha_factor_scales_the_chosen_weight_only(noisy):
     assert total_variation(smoother.chi_ppm) < total_variation(plain.chi_ppm)
 
 
+def test_tv_alpha_factor_is_not_applied_at_the_grids_smallest_weight(clean):
+    # on a noise-free field the held-out misfit keeps falling down a short grid: its last weight wins, and
+    # the factor (meant to smooth away noise TV let through) is left out
+    chi, mask, field = clean
+    grid = (0.05, 0.035, 0.025)
+    r = solve_tv(field, mask, ISO, settings=TVSettings(iterations=60, alpha_grid=grid, alpha_factor=2.0), device="cpu")
+    assert r.chosen["alpha_chosen"] == 0.025 and r.chosen["alpha"] == 0.025
+
+
 def test_tv_converges_before_the_cap(clean):
     chi, mask, field = clean
     result = solve_tv(field, mask, ISO, settings=TVSettings(iterations=500, tolerance=5e-3), device="cpu")

@@ -9,7 +9,7 @@ training data is involved: the network's structure is the prior, which favours s
 over the streaks that the dipole kernel's zero cone lets through.
 
 By default ``chi_base`` is the library's own TV-ADMM estimate, solved at 1.5x the weight its hold-out
-search chose (a smoother start, from which the network gains more), and the network, whose last layer
+search chose unless that is the search's smallest (a smoother start, from which the network gains more), and the network, whose last layer
 starts at zero, learns a correction to it under a plain L2 data fit (a hybrid, model-based DIP): TV
 supplies a good start within seconds, and the network then restores the contrast and the cone-direction
 detail that TV flattens. On the head phantom this halves TV's NRMSE (docs/dip-experiments.md). ``base="none"`` is
@@ -84,7 +84,8 @@ class DIPSettings:
     base_alpha: Optional[float] = None         #: relative TV weight of the base; None: chosen from the data
     #: the chosen base weight times this (> 0; used when base_alpha is None): the network gains more from a
     #: smoother start than from TV's own best map (realistic 3 mm with the magnitude: 18.46 % at 1.5, 18.04 at
-    #: 2, 19.32 at 1), while piecewise-constant phantoms lose a little (simple 3 mm: 4.99, 5.26, 4.71)
+    #: 2, 19.32 at 1); not applied when TV's search ends at its smallest weight (a clean field, as the simple
+    #: phantom's, where the factor cost 0.28 points)
     base_alpha_factor: float = 1.5
     input_jitter: float = 0.0                  #: std of fresh noise added to the noise input each step (>= 0)
     #: decay of an exponential moving average of the iterates, returned instead of the last one and judged by

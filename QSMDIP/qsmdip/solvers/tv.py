@@ -76,7 +76,9 @@ class TVSettings:
         holdout_fraction: share of the mask voxels the automatic choice leaves out (0 < f <= 0.5).
         seed: seeds the choice of left-out voxels (>= 0).
         alpha_factor: the automatic choice's weight is multiplied by this before the final solve (> 0; 1
-            solves at the chosen weight). DIP's base uses it to start the network from a smoother map.
+            solves at the chosen weight). DIP's base uses it to start the network from a smoother map. It is
+            not applied when the choice is the grid's smallest weight: the held-out misfit was still falling
+            there, so the field is clean enough that TV's detail is signal, and smoothing it only loses it.
     """
 
     alpha: Optional[float] = None
@@ -332,10 +334,14 @@ def solve_tv(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[fl
 
             choice, state = choose_alpha(problem, settings, torch_device, on_candidate=show_candidate,
                                          cancelled=lambda: cancelled or watch.expired())
-            alpha = choice.chosen * float(settings.alpha_factor)
+            at_smallest = choice.chosen <= min(settings.alpha_grid)
+            factor = 1.0 if at_smallest else float(settings.alpha_factor)
+            alpha = choice.chosen * factor
             log.info("tv: alpha %.4g (relative to the field RMS) chosen by hold-out cross-validation over %s%s",
                      choice.chosen, ", ".join(f"{a:g}" for a in choice.candidates),
-                     f"; solved at {settings.alpha_factor:g} x it = {alpha:.4g}" if settings.alpha_factor != 1 else "")
+                     f"; solved at {factor:g} x it = {alpha:.4g}" if factor != 1 else
+                     ("; the grid's smallest weight, so alpha_factor is not applied"
+                      if at_smallest and settings.alpha_factor != 1 else ""))
             chosen = {"alpha": alpha, "alpha_rule": choice.rule, "alpha_chosen": choice.chosen,
                       "alpha_scores": dict(zip(choice.candidates, choice.scores))}
         else:
