@@ -12,8 +12,8 @@ By default ``chi_base`` is the library's own TV-ADMM estimate, solved at 1.5x th
 search chose unless that is the search's smallest (a smoother start, from which the network gains more),
 and the network, whose last layer starts at zero, learns a correction to it under a plain L2 data fit (a
 hybrid, model-based DIP): TV supplies a good start within seconds, and the network then restores the
-contrast and the cone-direction detail that TV flattens. On the head phantom this halves TV's NRMSE (docs/dip-experiments.md). ``base="none"`` is
-the classical DIP from a random start; the "original" preset is the published method. The field is
+contrast and the cone-direction detail that TV flattens. On the head phantom this halves TV's NRMSE
+(docs/dip-experiments.md). ``base="none"`` is the classical DIP from a random start; the "original" preset is the published method. The field is
 divided by its RMS inside the mask before fitting, so the network's output is of order one whatever the
 field strength, and the result is scaled back to ppm.
 

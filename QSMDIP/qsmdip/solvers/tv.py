@@ -293,6 +293,12 @@ def choose_alpha(problem: _TVProblem, settings: TVSettings, device: torch.device
     return WeightChoice(float(chosen), grid[: len(scores)], scores), best_state
 
 
+def _final_alpha(chosen: float, settings: TVSettings) -> float:
+    """The final solve's weight: the chosen one times ``alpha_factor``, unless it is the grid's smallest
+    (the held-out misfit was still falling there: see ``TVSettings.alpha_factor``)."""
+    return chosen if chosen <= min(settings.alpha_grid) else chosen * float(settings.alpha_factor)
+
+
 def solve_tv(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[float], *,
              b0_dir: Sequence[float] = SUPERIOR, settings: Optional[TVSettings] = None,
              callback: Optional[Callback] = None, callback_every: int = 10,
@@ -334,14 +340,9 @@ def solve_tv(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[fl
 
             choice, state = choose_alpha(problem, settings, torch_device, on_candidate=show_candidate,
                                          cancelled=lambda: cancelled or watch.expired())
-            at_smallest = choice.chosen <= min(settings.alpha_grid)
-            factor = 1.0 if at_smallest else float(settings.alpha_factor)
-            alpha = choice.chosen * factor
-            log.info("tv: alpha %.4g (relative to the field RMS) chosen by hold-out cross-validation over %s%s",
-                     choice.chosen, ", ".join(f"{a:g}" for a in choice.candidates),
-                     f"; solved at {factor:g} x it = {alpha:.4g}" if factor != 1 else
-                     ("; the grid's smallest weight, so alpha_factor is not applied"
-                      if at_smallest and settings.alpha_factor != 1 else ""))
+            alpha = _final_alpha(choice.chosen, settings)
+            log.info("tv: alpha %.4g (relative to the field RMS) chosen by hold-out cross-validation over %s; "
+                     "final solve at %.4g", choice.chosen, ", ".join(f"{a:g}" for a in choice.candidates), alpha)
             chosen = {"alpha": alpha, "alpha_rule": choice.rule, "alpha_chosen": choice.chosen,
                       "alpha_scores": dict(zip(choice.candidates, choice.scores))}
         else:
