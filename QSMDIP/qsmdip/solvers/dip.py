@@ -405,6 +405,7 @@ def solve_dip(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[f
     stop_reason = "completed"
     estimate = base
     average: Optional[torch.Tensor] = None
+    d_average: Optional[torch.Tensor] = None  # D applied to the average, kept as the same average of D chi
     iteration = 0
     loop_start = clock.elapsed_s
     for iteration in range(1, settings.iterations + 1):
@@ -417,7 +418,8 @@ def solve_dip(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[f
             break
         optimiser.zero_grad(set_to_none=True)
         chi = (base + network_output()) * maskf
-        residual = (op(chi) - field_t) * maskf
+        d_chi = op(chi)
+        residual = (d_chi - field_t) * maskf
         fitted = residual * fit_mask
         data = fitted.abs().sum() if settings.data_loss == "l1" else fitted.square().sum()
         loss = data / n_fit
@@ -439,8 +441,12 @@ def solve_dip(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[f
                     current, alpha=1 - settings.ema)
                 current = average
                 if holdout.active:
-                    # judge what would be returned: the averaged estimate's misfit on the held-out voxels
-                    held_residual = (op(average) - field_t) * maskf
+                    # judge what would be returned: the averaged estimate's misfit on the held-out voxels.
+                    # D is linear, so D(average) is the same average of the D chi already computed: no FFTs
+                    d_now = d_chi.detach()
+                    d_average = d_now.clone() if d_average is None else d_average.mul_(settings.ema).add_(
+                        d_now, alpha=1 - settings.ema)
+                    held_residual = (d_average - field_t) * maskf
             estimate = current
         if holdout.active and holdout.update(held_residual, estimate):
             stop_reason = "holdout"
