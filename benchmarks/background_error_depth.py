@@ -1,0 +1,79 @@
+"""Where in the brain does background removal cost the final QSM its accuracy? The TV QSM after V-SHARP and
+after PDF, and the same TV on the true local field, scored in the returned mask and in the parts of it deeper
+than 4, 8, 12 and 16 mm from its edge.
+
+If the loss were an edge effect, the ratio (QSM from the removal's field / QSM from the true local field) would
+fall towards 1 with depth. The record behind docs/results/background-removal.md ("Where the error is"):
+
+    python benchmarks/background_error_depth.py --voxel-size 2 [--acquisition acq.pkl]
+
+Field sources as in background_removal.py: "true" (the noise-free total field in the brain mask eroded by one
+voxel) and "pipeline" (the total field and mask of phase_to_local_field). A few minutes at 2 mm.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import pickle
+import sys
+
+import numpy as np
+import scipy.ndimage
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "QSMDIP"))
+
+from qsmdip.metrics import nrmse  # noqa: E402
+from qsmdip.phase.background import remove_background_pdf, remove_background_vsharp  # noqa: E402
+from qsmdip.phase.pipeline import phase_to_local_field  # noqa: E402
+from qsmdip.realistic_acquisition import make_realistic_acquisition, true_local_field  # noqa: E402
+from qsmdip.solvers import get_solver  # noqa: E402
+
+DEPTHS_MM = (0, 4, 8, 12, 16)
+REMOVALS = {"vsharp": remove_background_vsharp, "pdf": remove_background_pdf}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--voxel-size", type=float, default=2.0)
+    parser.add_argument("--b0-tilt-deg", type=float, default=0.0, help="B0 tilted from k towards j")
+    parser.add_argument("--acquisition", help="a pickled RealisticAcquisition (instead of simulating one)")
+    args = parser.parse_args(argv)
+    if args.acquisition:
+        with open(args.acquisition, "rb") as handle:
+            acq = pickle.load(handle)
+    else:
+        tilt = math.radians(args.b0_tilt_deg)
+        acq = make_realistic_acquisition(voxel_size_mm=(args.voxel_size,) * 3,
+                                         b0_dir=(0.0, math.sin(tilt), math.cos(tilt)))
+    vs, b0 = acq.voxel_size_mm, acq.b0_dir
+
+    def tv(field, mask):
+        return get_solver("tv")(field, mask, vs, b0_dir=b0).chi_ppm
+
+    pipeline = phase_to_local_field(acq.phase_rad, acq.magnitude, acq.echo_times_s, acq.b0_tesla, vs, b0_dir=b0)
+    sources = {"true": (scipy.ndimage.binary_erosion(acq.brain_mask), None),
+               "pipeline": (pipeline.field_mask, pipeline.total_field_ppm)}
+    print(f"# voxel {vs} mm, B0 {tuple(round(float(b), 3) for b in b0)}; cells: QSM from the removal's field / "
+          "TV on the true local field = ratio (NRMSE %), in the returned mask deeper than the depth")
+    print("| source | removal | " + " | ".join(f"deeper than {d} mm" for d in DEPTHS_MM) + " |")
+    print("|---|---|" + "---|" * len(DEPTHS_MM))
+    for source, (mask, total) in sources.items():
+        if total is None:
+            total = np.where(mask, acq.total_field_ppm, 0.0)
+        for name, remove in REMOVALS.items():
+            result = remove(total, mask, vs, b0_dir=b0)
+            returned = result.mask
+            chi = tv(result.local_field_ppm, returned)
+            reference = tv(true_local_field(acq, returned), returned)
+            depth = scipy.ndimage.distance_transform_edt(returned, sampling=vs)
+            cells = []
+            for d in DEPTHS_MM:
+                inner = returned & (depth > d)
+                a, b = nrmse(chi, acq.chi_ppm, inner), nrmse(reference, acq.chi_ppm, inner)
+                cells.append(f"{a:.1f} / {b:.1f} = **{a / b:.2f}** ({inner.sum() / returned.sum():.0%})")
+            print(f"| {source} | {name} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
