@@ -9,7 +9,8 @@ Layout (the original QSM-DIP network, with its width and depth as arguments), fo
     head:     1x1x1 conv (w -> out)
 
 ``block`` = Conv3d 3x3x3 -> InstanceNorm3d -> LeakyReLU; ``down`` = the same with stride 2;
-``up`` = nearest-neighbour x2 upsampling, then a block that halves the channels. The network pads its
+``up`` = nearest-neighbour x2 upsampling, then a block that halves the channels (``decoder="conv-first"``
+swaps the two: the block runs on the coarse grid, 8x fewer voxels, then the upsampling). The network pads its
 input to a multiple of ``2 ** depth`` and crops the output back, so any volume size works.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 
 NORMS = ("instance", "none")
 UPSAMPLE_MODES = ("nearest", "trilinear")
+DECODER_ORDERS = ("upsample-first", "conv-first")
 PAD_MODES = ("replicate", "constant")
 
 
@@ -67,6 +69,9 @@ class UNet3d(nn.Module):
         upsample: "nearest" (default, as in the original method) or "trilinear".
         pad_mode: how odd sizes are padded to a multiple of ``2 ** depth``: "replicate" (default) or
             "constant" (zeros).
+        decoder: "upsample-first" (default, the original layout: upsample, then the channel-halving block
+            at the fine level) or "conv-first" (that block on the coarse level, then upsample: the same
+            weights, a fraction of the operations, since the finest level dominates the cost).
 
     Weights are xavier-normal (gain 1) and biases zero; pass a seeded ``generator`` to
     :meth:`reset_parameters` for a reproducible initialisation independent of the global RNG.
@@ -74,7 +79,7 @@ class UNet3d(nn.Module):
 
     def __init__(self, in_channels: int = 1, out_channels: int = 1, width: int = 16, depth: int = 3,
                  norm: str = "instance", negative_slope: float = 0.2, upsample: str = "nearest",
-                 pad_mode: str = "replicate"):
+                 pad_mode: str = "replicate", decoder: str = "upsample-first"):
         super().__init__()
         self.in_channels = _check_positive_int("in_channels", in_channels)
         self.out_channels = _check_positive_int("out_channels", out_channels)
@@ -88,6 +93,9 @@ class UNet3d(nn.Module):
             raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}, got {upsample!r}")
         if pad_mode not in PAD_MODES:
             raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
+        if decoder not in DECODER_ORDERS:
+            raise ValueError(f"decoder must be one of {DECODER_ORDERS}, got {decoder!r}")
+        self.decoder = decoder
         self.upsample = upsample
         self.pad_mode = pad_mode
         channels = [width * 2 ** level for level in range(depth + 1)]
@@ -136,7 +144,10 @@ class UNet3d(nn.Module):
             skips.append(level(skips[-1]))
         y = skips.pop()
         for up, merge in zip(self.up, self.merge):
-            y = F.interpolate(y, scale_factor=2, mode=self.upsample)
-            y = merge(torch.cat([up(y), skips.pop()], dim=1))
+            if self.decoder == "conv-first":
+                y = F.interpolate(up(y), scale_factor=2, mode=self.upsample)
+            else:
+                y = up(F.interpolate(y, scale_factor=2, mode=self.upsample))
+            y = merge(torch.cat([y, skips.pop()], dim=1))
         y = self.head(y)
         return y[..., : shape[0], : shape[1], : shape[2]]
