@@ -7,8 +7,10 @@ fall towards 1 with depth. The record behind docs/results/background-removal.md 
 
     python benchmarks/background_error_depth.py --voxel-size 2 [--acquisition acq.pkl]
 
-Field sources as in background_removal.py: "true" (the noise-free total field in the brain mask eroded by one
-voxel) and "pipeline" (the total field and mask of phase_to_local_field). A few minutes at 2 mm.
+Field sources: "local only" (the true local field itself, with no background at all: what a removal takes
+from it is local field lost, not background left), "true" (the noise-free total field in the brain mask eroded
+by one voxel, as in background_removal.py) and "pipeline" (the total field and mask of phase_to_local_field).
+A few minutes at 2 mm.
 """
 from __future__ import annotations
 
@@ -52,7 +54,9 @@ def main(argv=None) -> None:
         return get_solver("tv")(field, mask, vs, b0_dir=b0).chi_ppm
 
     pipeline = phase_to_local_field(acq.phase_rad, acq.magnitude, acq.echo_times_s, acq.b0_tesla, vs, b0_dir=b0)
-    sources = {"true": (scipy.ndimage.binary_erosion(acq.brain_mask), None),
+    eroded = scipy.ndimage.binary_erosion(acq.brain_mask)
+    sources = {"local only": (eroded, true_local_field(acq, eroded)),
+               "true": (eroded, None),
                "pipeline": (pipeline.field_mask, pipeline.total_field_ppm)}
     print(f"# voxel {vs} mm, B0 {tuple(round(float(b), 3) for b in b0)}; cells: QSM from the removal's field / "
           "TV on the true local field = ratio (NRMSE %), in the returned mask deeper than the depth")
