@@ -10,6 +10,7 @@ import pytest
 
 from qsmdip.errors import QSMInputError
 from qsmdip.operator import forward_field
+from qsmdip.phantom import make_head_phantom
 from qsmdip.solvers.base import Progress
 from qsmdip.solvers.tikhonov import TikhonovSettings, solve_tikhonov
 from qsmdip.solvers.tkd import TKDSettings, solve_tkd
@@ -267,3 +268,22 @@ def test_tv_bad_callback_every(clean):
     chi, mask, field = clean
     with pytest.raises(QSMInputError, match="callback_every"):
         solve_tv(field, mask, ISO, callback_every=0, device="cpu")
+
+
+def test_single_step_tv_has_the_common_call_shape_and_checks_its_settings():
+    """Registered as a method: the callback sees progress and can cancel; bad settings are one clear error."""
+    from qsmdip.solvers import get_solver, make_settings
+    from qsmdip.solvers.single_step import SingleStepSettings
+
+    ph = make_head_phantom(None, (4.0, 4.0, 4.0))
+    seen = []
+    result = get_solver("single-step-tv")(ph.field_ppm, ph.mask, (4.0, 4.0, 4.0), b0_dir=ph.b0_dir,
+                                          settings=make_settings("single-step-tv", None, {"alpha": 0.01}),
+                                          callback=lambda p: seen.append(p.iteration) or len(seen) >= 2,
+                                          callback_every=5)
+    assert result.method == "single-step-tv" and result.stop_reason == "cancelled" and seen == [5, 10]
+    assert result.chosen["alpha_rule"] == "given" and result.chosen["eroded_voxels"] == 0
+    assert np.all(result.chi_ppm[~ph.mask] == 0) and np.count_nonzero(result.chi_ppm[ph.mask]) > 0
+    for bad in ({"radius_mm": 0.0}, {"output_radius_mm": 8.0}, {"data_term": "huber"}, {"iterations": 0}):
+        with pytest.raises(QSMInputError):
+            SingleStepSettings(**bad)

@@ -245,6 +245,34 @@ def test_reconstruct_from_the_phase_equals_field_then_reconstruct(sets, tmp_path
     np.testing.assert_array_equal(qio.read_volume(qsm).array, qio.read_volume(again).array)
 
 
+def test_single_step_tv_from_the_phase_inverts_the_total_field(sets, tmp_path, capsys):
+    """--method single-step-tv is handed the pipeline's total field, not the local one: the same map comes from
+    the kept total field and mask given as --field; and it is closer to the truth than TV on the local field."""
+    from qsmdip.metrics import nrmse
+
+    phase, magnitude = sets["4d"]
+    qsm, total, kept_mask = tmp_path / "qsm.nii.gz", tmp_path / "total.nii.gz", tmp_path / "km.nii.gz"
+    code, _, lines = run(["reconstruct", "--phase", *phase, "--magnitude", *magnitude, "--out", qsm,
+                          "--total-field", total, "--out-mask", kept_mask, "--method", "single-step-tv",
+                          "--no-progress"], capsys)
+    assert code == 0, lines
+    again = tmp_path / "again.nii.gz"
+    code, _, lines = run(["reconstruct", "--field", total, "--mask", kept_mask, "--out", again,
+                          "--method", "single-step-tv", "--no-progress"], capsys)
+    assert code == 0, lines
+    chi = qio.read_volume(qsm).array
+    np.testing.assert_array_equal(chi, qio.read_volume(again).array)
+    tv_map = tmp_path / "tv.nii.gz"
+    code, _, lines = run(["reconstruct", "--phase", *phase, "--magnitude", *magnitude, "--out", tv_map,
+                          "--method", "tv", "--no-progress"], capsys)
+    assert code == 0, lines
+    acq, _ = gre_data.acquisition()
+    mask = qio.read_volume(kept_mask).array > 0.5
+    ours, tv_error = nrmse(chi, acq.chi_ppm, mask), nrmse(qio.read_volume(tv_map).array, acq.chi_ppm, mask)
+    assert np.count_nonzero(chi[mask]) > 0.99 * mask.sum()  # chi on the whole mask, the rim included
+    assert ours < 0.9 * tv_error, (ours, tv_error)  # measured 47.0 against 55.2 % (4 mm, SNR 100)
+
+
 def test_reconstruct_from_the_phase_gives_the_root_sum_of_squares_as_the_prior(sets, tmp_path, capsys):
     from qsmdip.cli_field import reconstruct_from_phase
     from qsmdip.runner import ReconstructionRequest, run_reconstruction

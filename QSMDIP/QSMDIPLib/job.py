@@ -21,7 +21,7 @@ from qsmdip.errors import QSMInputError
 PROTOCOL_VERSION = 2
 
 #: panel label -> job value
-METHODS = {"DIP": "dip", "TKD": "tkd", "Tikhonov": "tikhonov", "TV": "tv"}
+METHODS = {"DIP": "dip", "TKD": "tkd", "Tikhonov": "tikhonov", "TV": "tv", "Single-step TV": "single-step-tv"}
 UNITS = {"ppm": "ppm", "Hz": "hz", "rad": "rad"}
 DEVICES = {"auto": "auto", "GPU": "cuda", "CPU": "cpu"}
 

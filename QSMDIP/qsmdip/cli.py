@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="brain mask (non-zero inside); required with --field, optional with --phase")
     rc.add_argument("--out", default=None, help="output QSM file (ppm, float32); required")
     rc.add_argument("--method", choices=METHODS, default="dip",
-                    help="dip (default), or the classical tkd, tikhonov, tv")
+                    help="dip (default), or the classical tkd, tikhonov, tv; single-step-tv inverts the total "
+                         "field with its own background removal (SMV) and is the most accurate from --phase")
     rc.add_argument("--preset", default=None,
                     help="settings preset (dip: 'default', the TV-started hybrid; 'fast', half its width; "
                          "'original', the published method's settings)")

@@ -36,7 +36,7 @@ def add_batch_parser(sub: Any) -> None:
                     help="bids: raw multi-echo GRE (default); localfield: a CSV manifest of local fields")
     bt.add_argument("--participant-label", nargs="+", default=[], metavar="LABEL",
                     help="only these subjects (with or without sub-)")
-    bt.add_argument("--method", choices=METHODS, default="dip", help="dip (default), tkd, tikhonov, tv")
+    bt.add_argument("--method", choices=METHODS, default="dip", help="dip (default), tkd, tikhonov, tv, single-step-tv (inverts the total field)")
     bt.add_argument("--preset", default=None, help="settings preset (see qsmdip reconstruct --help)")
     bt.add_argument("--iterations", type=int, default=None, help="iterations (iterative methods)")
     bt.add_argument("--seed", type=int, default=None, help="random seed (dip, tv)")

@@ -174,6 +174,7 @@ def run_field_and_reconstruction(request: FieldRequest, reconstruction: "Reconst
                                  ) -> Tuple[FieldRunResult, "RunResult"]:
     """The field stage, then a reconstruction of its local field inside its mask, with the echoes'
     root-sum-of-squares magnitude as the prior (``qsmdip reconstruct --phase``, the worker's phase jobs).
+    A method in ``solvers.TOTAL_FIELD_METHODS`` (single-step TV) is given the total field instead.
 
     ``request``'s outputs and ``reconstruction``'s field, mask and magnitude are replaced by files in a
     temporary folder. ``keep`` maps roles ("local field", "mask", "total field") to files the caller wants
@@ -182,17 +183,20 @@ def run_field_and_reconstruction(request: FieldRequest, reconstruction: "Reconst
     checked before the first stage. ``run`` runs the reconstruction (default :func:`run_reconstruction`).
     """
     from .runner import _make_settings, check_request, run_reconstruction
+    from .solvers import TOTAL_FIELD_METHODS
 
     unknown = sorted(set(keep) - set(_ROLES))
     if unknown:
         raise QSMInputError(f"unknown outputs to keep: {', '.join(unknown)} (known: {', '.join(_ROLES)})")
     run = run or run_reconstruction
     with tempfile.TemporaryDirectory(prefix="qsmdip-phase-") as work:
-        paths = {name: os.path.join(work, f"{name}.nii") for name in ("field", "mask", "magnitude")}
+        paths = {name: os.path.join(work, f"{name}.nii") for name in ("field", "total", "mask", "magnitude")}
+        # a method that removes the background itself (single-step TV) inverts the total field
+        total = str(reconstruction.method).strip().lower() in TOTAL_FIELD_METHODS
         field_request = dataclasses.replace(request, field_output_path=paths["field"], mask_output_path=paths["mask"],
-                                            total_field_output_path=None)
-        reconstruction = dataclasses.replace(reconstruction, field_path=paths["field"], mask_path=paths["mask"],
-                                             magnitude_path=paths["magnitude"])
+                                            total_field_output_path=paths["total"] if total else None)
+        reconstruction = dataclasses.replace(reconstruction, field_path=paths["total" if total else "field"],
+                                             mask_path=paths["mask"], magnitude_path=paths["magnitude"])
         outputs = [("QSM", reconstruction.output_path)] + [(role, path) for role, path in keep.items() if path]
         for n, (role, path) in enumerate(outputs):
             for other_role, other in outputs[:n]:

@@ -77,3 +77,18 @@ def laplacian_kernel(shape: Sequence[int], voxel_size_mm: Sequence[float], *, ha
     for k, h in zip(grids, vs):
         total = total + (2.0 - 2.0 * np.cos(2.0 * np.pi * k * h)) / h ** 2
     return np.asarray(total, dtype=np.float64)
+
+
+def smv_spectrum(fft_shape: Sequence[int], voxel_size_mm: Sequence[float], radius_mm: float) -> np.ndarray:
+    """Real-FFT half spectrum of the normalised ball of ``radius_mm`` (voxel centres within it), centred at 0.
+
+    The spherical mean value (SMV) filter: a field harmonic in a region equals its mean over any ball inside
+    it, so ``1 - smv_spectrum`` removes the background field there (SHARP, V-SHARP, single-step QSM).
+    """
+    vs = check_voxel_size(voxel_size_mm)
+    axes = [np.fft.fftfreq(n, 1.0 / n) * v for n, v in zip(fft_shape, vs)]  # signed offsets in mm
+    x, y, z = np.ix_(*axes)
+    ball = (x * x + y * y + z * z <= radius_mm * radius_mm * (1 + 1e-9)).astype(np.float64)
+    ball /= ball.sum()
+    return scipy.fft.rfftn(ball).real
+

@@ -32,7 +32,8 @@ import scipy.ndimage
 
 from ..errors import QSMInputError
 from ..geometry import SUPERIOR, check_voxel_size, unit_vector
-from ..kernel import dipole_kernel, padded_shape
+from ..kernel import dipole_kernel, padded_shape, smv_spectrum
+from ..solvers.single_step import smv_high_pass
 
 Box = Tuple[Tuple[int, int, int], Tuple[int, int, int]]
 
@@ -215,15 +216,6 @@ def _radii_mm(settings: VSharpSettings, vs: Sequence[float]) -> List[float]:
     return [float(r) for r in radii]
 
 
-def _smv_spectrum(fft_shape: Sequence[int], vs: Sequence[float], radius_mm: float) -> np.ndarray:
-    """Real-FFT spectrum of the normalised ball of ``radius_mm`` (voxel centres within it), centred at 0."""
-    axes = [np.fft.fftfreq(n, 1.0 / n) * v for n, v in zip(fft_shape, vs)]  # signed offsets in mm
-    x, y, z = np.ix_(*axes)
-    ball = (x * x + y * y + z * z <= radius_mm * radius_mm * (1 + 1e-9)).astype(np.float64)
-    ball /= ball.sum()
-    return scipy.fft.rfftn(ball).real
-
-
 def remove_background_vsharp(total_field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[float], *,
                              b0_dir: Sequence[float] = SUPERIOR, settings: Optional[VSharpSettings] = None,
                              weight: Optional[np.ndarray] = None) -> BackgroundResult:
@@ -257,7 +249,7 @@ def remove_background_vsharp(total_field_ppm: np.ndarray, mask: np.ndarray, voxe
     done = np.zeros(f_box.shape, dtype=bool)
     deconvolver = None
     for radius in radii:
-        smv = _smv_spectrum(fft_shape, vs, radius)
+        smv = smv_spectrum(fft_shape, vs, radius)
         fits = depth > radius * (1 + 1e-9)  # the whole ball lies in the mask
         new = fits & ~done
         if new.any():
@@ -287,32 +279,18 @@ def remove_background_smv(total_field_ppm: np.ndarray, mask: np.ndarray, voxel_s
 
     It holds no background field (harmonic in the mask), but it is a filtered local field: the result's
     ``kspace_filter`` is ``1 - SMV_r(k)``, which an inversion must apply to its dipole kernel (single-step
-    QSM, :func:`qsmdip.phase.single_step.single_step_tv`). Not a drop-in local field, so not in
+    QSM, :func:`qsmdip.solvers.single_step.solve_single_step_tv`). Not a drop-in local field, so not in
     :data:`BACKGROUND_REMOVERS`. ``b0_dir`` and ``weight`` are accepted for the common call shape, unused.
     """
     f, m, vs, _ = _check_inputs(total_field_ppm, mask, voxel_size_mm, weight)
     unit_vector(b0_dir)
-    if not (math.isfinite(radius_mm) and radius_mm >= min(vs)):
-        raise QSMInputError(f"SMV radius {radius_mm} mm must be at least the finest voxel side {min(vs):g} mm")
-    box = _grown_box(m, (0, 0, 0))
-    f_box, m_box = _extract(f, box), _extract(m, box)
-    depth = scipy.ndimage.distance_transform_edt(np.pad(m_box, 1), sampling=vs)[1:-1, 1:-1, 1:-1]
-    valid = depth > radius_mm * (1 + 1e-9)
-    if not valid.any():
-        raise QSMInputError(f"the mask is too small for an SMV radius of {radius_mm:g} mm: no voxel is that far "
-                            f"from its edge")
-    fft_shape = [scipy.fft.next_fast_len(n + int(math.ceil(radius_mm / v)), real=True)
-                 for n, v in zip(f_box.shape, vs)]
-    crop = tuple(slice(0, n) for n in f_box.shape)
-    smv = _smv_spectrum(fft_shape, vs, radius_mm)
-    high = scipy.fft.irfftn(scipy.fft.rfftn(f_box, s=fft_shape) * (1.0 - smv), s=fft_shape)[crop]
-    result = _result(high, valid, box, m, "smv", [])
-    result.kspace_filter = lambda shape, voxel: 1.0 - _smv_spectrum(shape, voxel, radius_mm)
+    high, valid = smv_high_pass(f, m, vs, radius_mm)
     n_in = int(m.sum())
-    result.notes.append(f"SMV high-pass of radius {radius_mm:g} mm (to be inverted with the filtered kernel); "
-                        f"mask eroded by {result.eroded_voxels} of {n_in} voxels "
-                        f"({100.0 * result.eroded_voxels / n_in:.1f} %)")
-    return result
+    eroded = n_in - int(valid.sum())
+    notes = [f"SMV high-pass of radius {radius_mm:g} mm (to be inverted with the filtered kernel); mask eroded by "
+             f"{eroded} of {n_in} voxels ({100.0 * eroded / n_in:.1f} %)"]
+    return BackgroundResult(local_field_ppm=high, mask=valid, method="smv", eroded_voxels=eroded, notes=notes,
+                            kspace_filter=lambda shape, voxel: 1.0 - smv_spectrum(shape, voxel, radius_mm))
 
 
 # ------------------------------------------------------------------------------------------------ PDF

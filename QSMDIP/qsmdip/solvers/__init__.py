@@ -18,8 +18,12 @@ _REGISTRY = {
     "tkd": ("tkd", "solve_tkd", "TKDSettings"),
     "tikhonov": ("tikhonov", "solve_tikhonov", "TikhonovSettings"),
     "tv": ("tv", "solve_tv", "TVSettings"),
+    "single-step-tv": ("single_step", "solve_single_step_tv", "SingleStepSettings"),
 }
 METHODS = tuple(_REGISTRY)
+#: methods that remove the background themselves: from the phase they are handed the total field, not the
+#: local one (``field_runner.run_field_and_reconstruction``)
+TOTAL_FIELD_METHODS = ("single-step-tv",)
 
 
 def _module(method: str):
