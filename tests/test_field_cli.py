@@ -246,16 +246,17 @@ def test_reconstruct_from_the_phase_equals_field_then_reconstruct(sets, tmp_path
 
 
 def test_single_step_tv_from_the_phase_inverts_the_total_field(sets, tmp_path, capsys):
-    """--method single-step-tv is handed the pipeline's total field, not the local one: the same map comes from
-    the kept total field and mask given as --field; and it is closer to the truth than TV on the local field."""
+    """From the phase the default method is single-step TV, and it is handed the pipeline's total field, not the
+    local one: the same map comes from the kept total field and mask given as --field; and it is closer to the
+    truth than TV on the local field."""
     from qsmdip.metrics import nrmse
 
     phase, magnitude = sets["4d"]
     qsm, total, kept_mask = tmp_path / "qsm.nii.gz", tmp_path / "total.nii.gz", tmp_path / "km.nii.gz"
-    code, _, lines = run(["reconstruct", "--phase", *phase, "--magnitude", *magnitude, "--out", qsm,
-                          "--total-field", total, "--out-mask", kept_mask, "--method", "single-step-tv",
-                          "--no-progress"], capsys)
+    code, out, lines = run(["reconstruct", "--phase", *phase, "--magnitude", *magnitude, "--out", qsm,
+                            "--total-field", total, "--out-mask", kept_mask, "--no-progress"], capsys)
     assert code == 0, lines
+    assert any(line.startswith("single-step-tv: ") for line in out.splitlines() + lines), (out, lines)  # the default
     again = tmp_path / "again.nii.gz"
     code, _, lines = run(["reconstruct", "--field", total, "--mask", kept_mask, "--out", again,
                           "--method", "single-step-tv", "--no-progress"], capsys)

@@ -128,15 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
     rc = sub.add_parser("reconstruct", help="reconstruct a QSM from a local field map and a mask, or from the phase",
                         description="Reconstruct a susceptibility map (ppm) with the geometry of the field. With "
                                     "--phase (instead of --field) the local field and its mask are made first from "
-                                    "the multi-echo phase and --magnitude, whose root sum of squares then serves DIP "
-                                    "as its prior.")
+                                    "the multi-echo phase and --magnitude; the default method there is single-step "
+                                    "TV on the total field (with --method dip, the magnitude's root sum of squares "
+                                    "serves DIP as its prior).")
     rc.add_argument("--field", default=None, help="local field map (NIfTI or NRRD); or give --phase")
     rc.add_argument("--mask", default=None,
                     help="brain mask (non-zero inside); required with --field, optional with --phase")
     rc.add_argument("--out", default=None, help="output QSM file (ppm, float32); required")
-    rc.add_argument("--method", choices=METHODS, default="dip",
-                    help="dip (default), or the classical tkd, tikhonov, tv; single-step-tv inverts the total "
-                         "field with its own background removal (SMV) and is the most accurate from --phase")
+    rc.add_argument("--method", choices=METHODS, default=None,
+                    help="dip (default with --field), or the classical tkd, tikhonov, tv; single-step-tv (default "
+                         "with --phase) inverts the total field with its own background removal (SMV), the most "
+                         "accurate from the phase")
     rc.add_argument("--preset", default=None,
                     help="settings preset (dip: 'default', the TV-started hybrid; 'fast', half its width; "
                          "'original', the published method's settings)")
@@ -299,6 +301,13 @@ class ProgressBar:
             self.bar.close()
 
 
+def default_method(from_phase: bool) -> str:
+    """The method when --method is not given: single-step TV from the phase, DIP from a local field."""
+    from .solvers import DEFAULT_METHOD, DEFAULT_METHOD_FROM_PHASE
+
+    return DEFAULT_METHOD_FROM_PHASE if from_phase else DEFAULT_METHOD
+
+
 def solver_overrides(args) -> dict:
     """The method's setting overrides from --set, --seed, --max-seconds and --iterations (reconstruct, batch)."""
     overrides = _parse_overrides(args.set)
@@ -319,8 +328,10 @@ def cmd_reconstruct(args) -> int:
     from .cli_field import reconstruct_from_phase
     from .runner import ReconstructionRequest, RunListener, run_reconstruction
 
-    overrides = solver_overrides(args)
     from_phase = bool(args.phase)
+    if args.method is None:
+        args.method = default_method(from_phase)
+    overrides = solver_overrides(args)
     request = ReconstructionRequest(
         field_path=args.field or "", mask_path=args.mask or "", output_path=args.out, method=args.method,
         preset=args.preset, units=args.units, b0_tesla=None if from_phase else args.b0, te_s=args.te,

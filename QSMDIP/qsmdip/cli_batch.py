@@ -36,7 +36,9 @@ def add_batch_parser(sub: Any) -> None:
                     help="bids: raw multi-echo GRE (default); localfield: a CSV manifest of local fields")
     bt.add_argument("--participant-label", nargs="+", default=[], metavar="LABEL",
                     help="only these subjects (with or without sub-)")
-    bt.add_argument("--method", choices=METHODS, default="dip", help="dip (default), tkd, tikhonov, tv, single-step-tv (inverts the total field)")
+    bt.add_argument("--method", choices=METHODS, default=None,
+                    help="single-step-tv (default with --input bids: it inverts the total field), dip (default with "
+                         "--input localfield), tkd, tikhonov, tv")
     bt.add_argument("--preset", default=None, help="settings preset (see qsmdip reconstruct --help)")
     bt.add_argument("--iterations", type=int, default=None, help="iterations (iterative methods)")
     bt.add_argument("--seed", type=int, default=None, help="random seed (dip, tv)")
@@ -78,7 +80,7 @@ def add_batch_parser(sub: Any) -> None:
 def batch_request(args: argparse.Namespace):
     from .batch.cluster import ClusterOptions
     from .batch.engine import BatchRequest
-    from .cli import solver_overrides
+    from .cli import default_method, solver_overrides
     from .errors import QSMInputError
 
     if args.scheduler and args.cluster:
@@ -103,6 +105,8 @@ def batch_request(args: argparse.Namespace):
                              gpus=gpus, cores=args.cores, memory=args.memory, walltime=args.walltime,
                              queue=args.queue, job_directives=list(args.job_directive))
     pipeline = {field: getattr(args, flag) for flag, field in args.pipeline_flags.items() if getattr(args, flag)}
+    if args.method is None:
+        args.method = default_method(args.kind == "bids")
     return BatchRequest(input_path=args.input, out_root=args.out, kind=args.kind,
                         participants=list(args.participant_label), method=args.method, preset=args.preset,
                         settings=solver_overrides(args), pipeline=pipeline, device=args.device,
