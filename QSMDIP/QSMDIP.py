@@ -40,7 +40,7 @@ from QSMDIPLib.dicom import dicom_source_file, export_node_dicom
 from QSMDIPLib.echoes import echo_set, format_ms
 from QSMDIPLib.example import EXAMPLE_DIP_ITERATIONS, ExampleDataJob, load_example, panel_selection
 from QSMDIPLib.gre import GreSession, gre_options_from_panel
-from QSMDIPLib.job import options_from_panel
+from QSMDIPLib.job import method_after_input_mode_change, options_from_panel
 from QSMDIPLib.session import ReconstructionSession
 from QSMDIPLib.torch_check import TorchProbe, torch_install_job
 from qsmdip.errors import QSMInputError
@@ -108,6 +108,7 @@ class QSMDIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.timer = None
         self._stageVolumesShown = 0
         self._filledEchoTimes = ""  # the echo times last filled in from the DICOM (replaced when the echoes change)
+        self._inputMode = None  # the input mode last seen, so the method can follow the mode's default
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -180,6 +181,7 @@ class QSMDIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateEnabledWidgets)
         self._parameterNode = inputParameterNode
+        self._inputMode = None  # a new node keeps its own method
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateEnabledWidgets)
@@ -194,6 +196,14 @@ class QSMDIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         running = self._running()
         gre = p.inputMode == GRE_MODE
+        if self._inputMode is not None and self._inputMode != p.inputMode:
+            # From the phase the default is single-step TV, for a local field DIP; a picked method stays.
+            method = method_after_input_mode_change(p.method, self._inputMode == GRE_MODE, gre)
+            self._inputMode = p.inputMode
+            if method != p.method:
+                p.method = method  # triggers this function again, with the mode already recorded
+                return
+        self._inputMode = p.inputMode
         for widget in (self.ui.fieldLabel, self.ui.fieldVolumeSelector, self.ui.magnitudeLabel,
                        self.ui.magnitudeVolumeSelector, self.ui.fieldUnitsLabel, self.ui.fieldUnitsComboBox,
                        self.ui.echoTimeLabel, self.ui.echoTimeSpinBox):

@@ -27,7 +27,9 @@ from qsmdip.phantom import make_head_phantom  # noqa: E402
 from qsmdip.worker import parse_job  # noqa: E402
 
 from QSMDIPLib.compare import compare_nodes, metric_table_rows, metrics_for_nodes, update_difference_node  # noqa: E402
-from QSMDIPLib.job import JobOptions, options_from_panel, prepare_job, worker_takes_snapshot_dir  # noqa: E402
+from QSMDIPLib.job import (  # noqa: E402
+    JobOptions, default_method_label, method_after_input_mode_change, options_from_panel, prepare_job,
+    worker_takes_snapshot_dir)
 from QSMDIPLib.process import (  # noqa: E402
     CREATE_NEW_PROCESS_GROUP, CREATE_NO_WINDOW, CommandSequence, WorkerProcess, describe_exit,
     popen_options,
@@ -276,6 +278,18 @@ def test_panel_options_map_to_the_worker_vocabulary():
     assert (ppm.b0_tesla, ppm.te_s) == (None, None)
     with pytest.raises(QSMInputError, match="unknown method 'MEDI'"):
         options_from_panel("MEDI", "ppm", 3.0, 0.02, "auto", 10, 1, 0.1, 1, 0)
+
+
+def test_panel_method_follows_the_input_modes_default_unless_the_user_picked_one():
+    # the same defaults as the command line: DIP for a local field, single-step TV from the phase
+    assert (default_method_label(False), default_method_label(True)) == ("DIP", "Single-step TV")
+    assert options_from_panel(default_method_label(True), "ppm", 3.0, 0.02, "auto", 10, 1, 0.1, 1, 0).method == \
+        "single-step-tv"
+    assert method_after_input_mode_change("DIP", False, True) == "Single-step TV"
+    assert method_after_input_mode_change("Single-step TV", True, False) == "DIP"
+    assert method_after_input_mode_change("TV", False, True) == "TV"  # picked by the user: kept
+    assert method_after_input_mode_change("DIP", True, False) == "DIP"  # picked in the GRE mode: kept
+    assert method_after_input_mode_change("DIP", False, False) == "DIP"  # the mode did not change
 
 
 # -- reconstructions through the real worker -------------------------------------------------------

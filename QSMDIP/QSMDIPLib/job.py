@@ -72,6 +72,28 @@ def options_from_panel(method: str, units: str, b0_tesla: float, te_s: float, de
         device=DEVICES[device], snapshot_every=int(update_interval), settings=settings)
 
 
+def default_method_label(from_phase: bool) -> str:
+    """The panel label of the library's default method: for a local field, or from multi-echo phase.
+
+    Taken from ``qsmdip.solvers`` so the panel, the command line and ``qsmdip batch`` agree.
+    """
+    from qsmdip.solvers import DEFAULT_METHOD, DEFAULT_METHOD_FROM_PHASE
+
+    value = DEFAULT_METHOD_FROM_PHASE if from_phase else DEFAULT_METHOD
+    return next(label for label, job_value in METHODS.items() if job_value == value)
+
+
+def method_after_input_mode_change(method: str, was_from_phase: bool, now_from_phase: bool) -> str:
+    """The method the panel shows after its input mode changes.
+
+    It follows the new mode's default only while it still shows the old mode's default, so a method the user
+    picked stays picked.
+    """
+    if was_from_phase != now_from_phase and method == default_method_label(was_from_phase):
+        return default_method_label(now_from_phase)
+    return method
+
+
 @dataclass
 class PreparedJob:
     """The files of one job, all inside ``work_dir`` (removed by :meth:`cleanup`)."""
