@@ -154,6 +154,8 @@ def main(argv=None):
     parser.add_argument("--presets", default="default",
                         help="DIP presets to run, comma-separated; 'none' runs the classical methods only")
     parser.add_argument("--tv-iterations", type=int, default=None, help="TV-ADMM iteration cap (default: its own)")
+    parser.add_argument("--tv-alphas", type=float, nargs="+", default=list(TV_ALPHAS),
+                        help="relative TV weights of the oracle sweep (fewer at 1 mm, where each takes minutes)")
     parser.add_argument("--every", type=int, default=10, help="DIP scoring interval in iterations")
     parser.add_argument("--json", default=None, help="write all figures to this JSON file")
     args = parser.parse_args(argv)
@@ -176,7 +178,7 @@ def main(argv=None):
                 rows += [run_method("tikhonov", phantom, device), run_method("tv", phantom, device, tv_fixed)]
             else:
                 rows += sweep("tikhonov", "lambda_", TIKHONOV_LAMBDAS, phantom, device)
-                rows += sweep("tv", "alpha", TV_ALPHAS, phantom, device, tv_fixed)
+                rows += sweep("tv", "alpha", args.tv_alphas, phantom, device, tv_fixed)
             magnitudes = [None] + ([phantom.magnitude] if getattr(phantom, "magnitude", None) is not None else [])
             dips = [run_method("dip", phantom, device, preset=preset, trace=True, every=args.every, magnitude=mag,
                                label=f"dip {preset}" + (" +mag" if mag is not None else ""))

@@ -70,11 +70,12 @@ def test_default_preset_is_the_measured_hybrid():
     """The choices docs/dip-experiments.md justifies; a change here must come with new figures."""
     s = PRESETS["default"]
     assert s == DIPSettings()
-    assert (s.base, s.input, s.data_loss, s.regulariser) == ("tv", "noise", "l2", "none")
+    assert (s.base, s.input, s.data_loss, s.regulariser, s.reg_weight) == ("tv", "noise", "l2", "none", None)
     assert (s.iterations, s.learning_rate, s.betas, s.width, s.depth) == (200, 2e-3, (0.9, 0.999), 16, 3)
     assert s.decoder == "conv-first"  # the decoder's channel-halving blocks on the coarse grid: 1.45x faster
-    # the returned map is the average of the iterates (EMA 0.9), and the hold-out rule judges that average
-    assert (s.ema, s.holdout_fraction, s.holdout_rise) == (0.9, 0.05, 0.1)
+    # the returned map is the average of the iterates (EMA 0.9), and the hold-out rule judges that average;
+    # its share is left open: 5 % without a penalty (the default), off under one
+    assert (s.ema, s.holdout_fraction, s.holdout_rise) == (0.9, None, 0.1)
     # with a magnitude: a second input channel and a magnitude^2-weighted data term; the base's weight is chosen
     assert (s.magnitude_input, s.magnitude_weighting, s.base_alpha) == (True, True, None)
     assert PRESETS["fast"] == dataclasses.replace(s, width=8)
@@ -93,6 +94,14 @@ def test_unknown_preset_or_field_names_it():
         dip_settings("fancy")
     with pytest.raises(QSMInputError, match="'iters'"):
         dip_settings("default", iters=3)
+
+
+def test_penalty_weights_that_cannot_be_chosen_are_refused():
+    with pytest.raises(QSMInputError, match="reg_weight.*Laplacian"):
+        DIPSettings(regulariser="laplacian")
+    with pytest.raises(QSMInputError, match="reg_weight.*TV base"):
+        DIPSettings(regulariser="tv", base="none")
+    assert DIPSettings(regulariser="tv", base="none", reg_weight=0.01).reg_weight == 0.01
 
 
 @pytest.mark.parametrize("field, value", [
@@ -206,7 +215,7 @@ def test_time_limit_is_not_overshot_by_a_slow_iteration(tiny_case):
 
 
 @pytest.mark.parametrize("overrides", [
-    dict(input="field", data_loss="l2", regulariser="tv"),
+    dict(input="field", data_loss="l2", regulariser="tv", reg_weight=1e-3),
     dict(input="noise", noise_channels=3, data_loss="l1", regulariser="none"),
     dict(base="tikhonov", ema=0.9, normalise=False, pad_factor=1.0),
     dict(base="tv", base_iterations=5, input="base", input_jitter=0.1),
@@ -289,7 +298,7 @@ def test_holdout_rule_stops_before_the_noise_is_fitted():
     """At SNR 7 an unchecked fit of every voxel drifts far past TV; the hold-out rule stops it near its best."""
     chi, mask, field = ellipsoid_phantom((28, 32, 26), noise_ppm=0.001)
     tv = nrmse(solve_tv(field, mask, VOXEL_MM, device="cpu").chi_ppm, chi, mask)
-    settings = dip_settings("default", width=8, iterations=100)
+    settings = dip_settings("default", width=8, iterations=100, regulariser="none", holdout_fraction=0.05)
     stopped = solve_dip(field, mask, VOXEL_MM, settings=settings, device="cpu")
     unchecked = solve_dip(field, mask, VOXEL_MM, settings=dataclasses.replace(settings, holdout_fraction=0.0),
                           device="cpu")
@@ -297,6 +306,25 @@ def test_holdout_rule_stops_before_the_noise_is_fitted():
     assert unchecked.stop_reason == "completed"
     achieved, drifted = nrmse(stopped.chi_ppm, chi, mask), nrmse(unchecked.chi_ppm, chi, mask)
     assert achieved < 1.05 * tv < drifted, f"hold-out {achieved:.1f}%, TV {tv:.1f}%, no rule {drifted:.1f}%"
+
+
+def test_the_tv_penalty_takes_tvs_own_weight_and_auto_leaves_it_out_with_a_magnitude(tiny_case):
+    """Opt-in (``regulariser="auto"`` or ``"tv"``): the weight is TV's chosen alpha in this loss's units (2 alpha),
+    the hold-out is off under a penalty unless set, and "auto" drops the penalty when a magnitude is used."""
+    chi, mask, field = tiny_case
+    magnitude = np.where(mask, 1.0 + 0.5 * (chi > chi[mask].mean()), 0.0).astype(np.float32)
+    default = solve_dip(field, mask, VOXEL_MM, settings=dip_settings("default", width=4, depth=2, iterations=2,
+                                                                    base_iterations=10), device="cpu").chosen
+    assert (default["regulariser"], default["reg_weight"], default["holdout_fraction"]) == ("none", 0.0, 0.05)
+    settings = dip_settings("default", width=4, depth=2, iterations=3, base_iterations=10, regulariser="auto")
+    with_mag = solve_dip(field, mask, VOXEL_MM, settings=settings, device="cpu", magnitude=magnitude).chosen
+    without = solve_dip(field, mask, VOXEL_MM, settings=settings, device="cpu").chosen
+    assert (with_mag["regulariser"], with_mag["reg_weight"], with_mag["holdout_fraction"]) == ("none", 0.0, 0.05)
+    assert without["regulariser"] == "tv" and without["holdout_fraction"] == 0.0
+    assert without["reg_weight"] == pytest.approx(2 * without["base_alpha_chosen"])
+    given = solve_dip(field, mask, VOXEL_MM, settings=dataclasses.replace(settings, reg_weight=0.5, holdout_fraction=0.1),
+                      device="cpu").chosen
+    assert (given["regulariser"], given["reg_weight"], given["holdout_fraction"]) == ("tv", 0.5, 0.1)
 
 
 # -- convergence ------------------------------------------------------------------------------------
