@@ -15,9 +15,7 @@ A few minutes at 2 mm.
 from __future__ import annotations
 
 import argparse
-import math
 import os
-import pickle
 import sys
 
 import numpy as np
@@ -28,7 +26,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 from qsmdip.metrics import nrmse  # noqa: E402
 from qsmdip.phase.background import remove_background_pdf, remove_background_vsharp  # noqa: E402
 from qsmdip.phase.pipeline import phase_to_local_field  # noqa: E402
-from qsmdip.realistic_acquisition import make_realistic_acquisition, true_local_field  # noqa: E402
+from qsmdip.realistic_acquisition import true_local_field  # noqa: E402
+from acquisition_args import acquisition_from_args, add_acquisition_arguments  # noqa: E402
 from qsmdip.solvers import get_solver  # noqa: E402
 
 DEPTHS_MM = (0, 4, 8, 12, 16)
@@ -37,17 +36,9 @@ REMOVALS = {"vsharp": remove_background_vsharp, "pdf": remove_background_pdf}
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--voxel-size", type=float, default=2.0)
-    parser.add_argument("--b0-tilt-deg", type=float, default=0.0, help="B0 tilted from k towards j")
-    parser.add_argument("--acquisition", help="a pickled RealisticAcquisition (instead of simulating one)")
+    add_acquisition_arguments(parser)
     args = parser.parse_args(argv)
-    if args.acquisition:
-        with open(args.acquisition, "rb") as handle:
-            acq = pickle.load(handle)
-    else:
-        tilt = math.radians(args.b0_tilt_deg)
-        acq = make_realistic_acquisition(voxel_size_mm=(args.voxel_size,) * 3,
-                                         b0_dir=(0.0, math.sin(tilt), math.cos(tilt)))
+    acq = acquisition_from_args(args)
     vs, b0 = acq.voxel_size_mm, acq.b0_dir
 
     def tv(field, mask):

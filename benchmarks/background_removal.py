@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import pickle
 import sys
 import time
 
@@ -28,11 +27,12 @@ import numpy as np
 import scipy.ndimage
 import torch
 
+from acquisition_args import acquisition_from_args, add_acquisition_arguments
 from qsmdip.metrics import nrmse
 from qsmdip.phase.background import PDFSettings, VSharpSettings, remove_background_pdf, remove_background_vsharp
 from qsmdip.phase.pipeline import phase_to_local_field
 from qsmdip.phase.single_step import single_step_tv
-from qsmdip.realistic_acquisition import make_realistic_acquisition, true_local_field
+from qsmdip.realistic_acquisition import true_local_field
 from qsmdip.solvers import get_solver
 
 METHODS = {
@@ -102,20 +102,12 @@ def run(acq, source: str, methods, out=print) -> list:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--voxel-size", type=float, default=2.0)
-    p.add_argument("--b0-tilt-deg", type=float, default=0.0, help="B0 tilted from k towards j")
-    p.add_argument("--acquisition", help="a pickled RealisticAcquisition (instead of simulating one)")
+    add_acquisition_arguments(p)
     p.add_argument("--source", default="true")
     p.add_argument("--methods", default="vsharp,pdf,ss4")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    if args.acquisition:
-        with open(args.acquisition, "rb") as fh:
-            acq = pickle.load(fh)
-    else:
-        tilt = math.radians(args.b0_tilt_deg)
-        acq = make_realistic_acquisition(voxel_size_mm=(args.voxel_size,) * 3,
-                                         b0_dir=(0.0, math.sin(tilt), math.cos(tilt)))
+    acq = acquisition_from_args(args)
     print(f"# voxel {acq.voxel_size_mm} mm, B0 {tuple(round(float(b), 3) for b in acq.b0_dir)}, SNR {acq.snr}")
     print("| source | method | eroded voxels | local NRMSE % | TV QSM NRMSE % | TV on true local % | ratio | "
           "removal s | QSM s |")

@@ -12,9 +12,7 @@ issue's 1.5x target: TV on the noise-free true local field in the pipeline's mas
 from __future__ import annotations
 
 import argparse
-import math
 import os
-import pickle
 import sys
 import time
 
@@ -22,7 +20,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 from qsmdip.metrics import hfen, nrmse, xsim  # noqa: E402
 from qsmdip.phase.pipeline import phase_to_local_field  # noqa: E402
-from qsmdip.realistic_acquisition import make_realistic_acquisition, true_local_field  # noqa: E402
+from qsmdip.realistic_acquisition import true_local_field  # noqa: E402
+from acquisition_args import acquisition_from_args, add_acquisition_arguments  # noqa: E402
 from qsmdip.solvers import get_solver, make_settings  # noqa: E402
 
 
@@ -37,9 +36,7 @@ RUNS = {
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--voxel-size", type=float, default=2.0)
-    parser.add_argument("--b0-tilt-deg", type=float, default=0.0, help="B0 tilted from k towards j")
-    parser.add_argument("--acquisition", help="a pickled RealisticAcquisition (instead of simulating one)")
+    add_acquisition_arguments(parser)
     parser.add_argument("--runs", default="dip,tv,single-step",
                         help=f"comma-separated, of {','.join(RUNS)} (DIP at 1 mm on a CPU takes hours)")
     parser.add_argument("--skip-dip", action="store_true", help="the same as leaving dip out of --runs")
@@ -49,13 +46,7 @@ def main(argv=None) -> None:
     unknown = sorted(set(chosen) - set(RUNS))
     if unknown:
         parser.error(f"unknown run(s) {', '.join(unknown)}: use {', '.join(RUNS)}")
-    if args.acquisition:
-        with open(args.acquisition, "rb") as handle:
-            acq = pickle.load(handle)
-    else:
-        tilt = math.radians(args.b0_tilt_deg)
-        acq = make_realistic_acquisition(voxel_size_mm=(args.voxel_size,) * 3,
-                                         b0_dir=(0.0, math.sin(tilt), math.cos(tilt)))
+    acq = acquisition_from_args(args)
     vs, b0 = acq.voxel_size_mm, acq.b0_dir
     pipe = phase_to_local_field(acq.phase_rad, acq.magnitude, acq.echo_times_s, acq.b0_tesla, vs, b0_dir=b0)
     mask = pipe.mask

@@ -20,9 +20,7 @@ About 10 minutes at 2 mm on 2 cores.
 from __future__ import annotations
 
 import argparse
-import math
 import os
-import pickle
 import sys
 import time
 
@@ -34,7 +32,8 @@ from qsmdip.metrics import nrmse, xsim  # noqa: E402
 from qsmdip.phase.background import remove_background_smv, remove_background_vsharp  # noqa: E402
 from qsmdip.phase.pipeline import phase_to_local_field  # noqa: E402
 from qsmdip.phase.single_step import single_step_tv  # noqa: E402
-from qsmdip.realistic_acquisition import make_realistic_acquisition, true_local_field  # noqa: E402
+from qsmdip.realistic_acquisition import true_local_field  # noqa: E402
+from acquisition_args import acquisition_from_args, add_acquisition_arguments  # noqa: E402
 from qsmdip.solvers import get_solver  # noqa: E402
 
 
@@ -44,17 +43,9 @@ def _rms(values: np.ndarray) -> float:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--voxel-size", type=float, default=2.0)
-    parser.add_argument("--b0-tilt-deg", type=float, default=0.0, help="B0 tilted from k towards j")
-    parser.add_argument("--acquisition", help="a pickled RealisticAcquisition (instead of simulating one)")
+    add_acquisition_arguments(parser)
     args = parser.parse_args(argv)
-    if args.acquisition:
-        with open(args.acquisition, "rb") as handle:
-            acq = pickle.load(handle)
-    else:
-        tilt = math.radians(args.b0_tilt_deg)
-        acq = make_realistic_acquisition(voxel_size_mm=(args.voxel_size,) * 3,
-                                         b0_dir=(0.0, math.sin(tilt), math.cos(tilt)))
+    acq = acquisition_from_args(args)
     vs, b0 = acq.voxel_size_mm, acq.b0_dir
     tv = get_solver("tv")
     pipe = phase_to_local_field(acq.phase_rad, acq.magnitude, acq.echo_times_s, acq.b0_tesla, vs, b0_dir=b0)

@@ -1,0 +1,29 @@
+"""The phase benchmarks' shared input: one simulated realistic acquisition, or a pickled one to reuse.
+
+    parser = argparse.ArgumentParser()
+    add_acquisition_arguments(parser)
+    acq = acquisition_from_args(parser.parse_args())
+"""
+from __future__ import annotations
+
+import argparse
+import pickle
+
+from qsmdip.geometry import b0_tilted_about_i
+from qsmdip.realistic_acquisition import RealisticAcquisition, make_realistic_acquisition
+
+
+def add_acquisition_arguments(parser: argparse.ArgumentParser) -> None:
+    """--voxel-size, --b0-tilt-deg and --acquisition."""
+    parser.add_argument("--voxel-size", type=float, default=2.0)
+    parser.add_argument("--b0-tilt-deg", type=float, default=0.0, help="B0 tilted from k towards j")
+    parser.add_argument("--acquisition", help="a pickled RealisticAcquisition (instead of simulating one)")
+
+
+def acquisition_from_args(args: argparse.Namespace) -> RealisticAcquisition:
+    """The pickled acquisition if one is named, else a fresh simulation (seeded: the same data every run)."""
+    if args.acquisition:
+        with open(args.acquisition, "rb") as handle:
+            return pickle.load(handle)
+    return make_realistic_acquisition(voxel_size_mm=(args.voxel_size,) * 3,
+                                      b0_dir=b0_tilted_about_i(args.b0_tilt_deg))
