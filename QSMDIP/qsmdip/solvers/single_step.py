@@ -34,7 +34,7 @@ from ..errors import QSMInputError
 from ..geometry import SUPERIOR, check_voxel_size, mask_bounding_box, unit_vector
 from ..kernel import smv_spectrum
 from .base import Callback, Progress, SolveResult, Stopwatch, check_inputs, check_magnitude, crop_to_mask
-from .tv import DATA_TERMS, TVSettings, _TVProblem, _check_callback_every, choose_alpha
+from .tv import DATA_TERMS, TVSettings, _TVProblem, _check_callback_every, _relative_change, choose_alpha
 
 
 @dataclass
@@ -77,6 +77,13 @@ class SingleStepSettings:
                           data_term=self.data_term)
 
 
+def _valid_in_box(mask_box: np.ndarray, voxel_size_mm: Sequence[float], radius_mm: float) -> np.ndarray:
+    """The voxels of a mask's bounding box farther than ``radius_mm`` from its edge (their ball lies in it)."""
+    # distance (mm) to the nearest voxel outside the mask; the box's border counts as outside
+    depth = scipy.ndimage.distance_transform_edt(np.pad(mask_box, 1), sampling=voxel_size_mm)[1:-1, 1:-1, 1:-1]
+    return depth > radius_mm * (1 + 1e-9)
+
+
 def smv_high_pass(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[float],
                   radius_mm: float) -> Tuple[np.ndarray, np.ndarray]:
     """``f - SMV_r(f)`` of the field inside ``mask`` (float32, 0 outside the valid mask), and the valid mask:
@@ -87,9 +94,7 @@ def smv_high_pass(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequen
         raise QSMInputError(f"SMV radius {radius_mm} mm must be at least the finest voxel side {min(vs):g} mm")
     box = mask_bounding_box(m)
     f_box = np.where(m[box], np.asarray(field_ppm, dtype=np.float64)[box], 0.0)
-    # distance (mm) to the nearest voxel outside the mask; the box's border counts as outside
-    depth = scipy.ndimage.distance_transform_edt(np.pad(m[box], 1), sampling=vs)[1:-1, 1:-1, 1:-1]
-    valid_box = depth > radius_mm * (1 + 1e-9)
+    valid_box = _valid_in_box(m[box], vs, radius_mm)
     if not valid_box.any():
         raise QSMInputError(f"the mask is too small for an SMV radius of {radius_mm:g} mm: no voxel is that far "
                             f"from its edge")
@@ -130,8 +135,10 @@ def solve_single_step_tv(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm:
         keep = mask_bool
     elif settings.output_radius_mm == radius:
         keep = valid
-    else:
-        keep = smv_high_pass(field32, mask_bool, vs, float(settings.output_radius_mm))[1]
+    else:  # only the mask eroded by the output radius is needed, not its high-pass
+        box = mask_bounding_box(mask_bool)
+        keep = np.zeros_like(mask_bool)
+        keep[box] = _valid_in_box(mask_bool[box], vs, float(settings.output_radius_mm))
     # the box reaches radius_mm beyond the valid mask, to the input mask's edge where chi is returned
     crop = crop_to_mask(high, valid, margin=2 + int(math.ceil(max(radius / v for v in vs))))
     scale = crop.field_scale()
@@ -157,11 +164,8 @@ def solve_single_step_tv(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm:
         def on_iteration(it: int, loss: float, chi_box: torch.Tensor) -> Optional[str]:
             old, last["chi"] = last["chi"], chi_box
             stop = None
-            if old is not None:
-                change = float(torch.linalg.vector_norm(chi_box - old)
-                               / max(float(torch.linalg.vector_norm(chi_box)), 1e-30))
-                if change < tv_settings.tolerance:
-                    stop = "converged"
+            if old is not None and _relative_change(chi_box, old) < tv_settings.tolerance:
+                stop = "converged"
             if stop is None and it == int(settings.iterations):
                 stop = "completed"
             if callback is not None and (stop is not None or it % every == 0):
