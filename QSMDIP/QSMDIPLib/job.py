@@ -77,9 +77,9 @@ def default_method_label(from_phase: bool) -> str:
 
     Taken from ``qsmdip.solvers`` so the panel, the command line and ``qsmdip batch`` agree.
     """
-    from qsmdip.solvers import DEFAULT_METHOD, DEFAULT_METHOD_FROM_PHASE
+    from qsmdip.solvers import default_method
 
-    value = DEFAULT_METHOD_FROM_PHASE if from_phase else DEFAULT_METHOD
+    value = default_method(from_phase)
     return next(label for label, job_value in METHODS.items() if job_value == value)
 
 

@@ -301,13 +301,6 @@ class ProgressBar:
             self.bar.close()
 
 
-def default_method(from_phase: bool) -> str:
-    """The method when --method is not given: single-step TV from the phase, DIP from a local field."""
-    from .solvers import DEFAULT_METHOD, DEFAULT_METHOD_FROM_PHASE
-
-    return DEFAULT_METHOD_FROM_PHASE if from_phase else DEFAULT_METHOD
-
-
 def solver_overrides(args) -> dict:
     """The method's setting overrides from --set, --seed, --max-seconds and --iterations (reconstruct, batch)."""
     overrides = _parse_overrides(args.set)
@@ -327,6 +320,7 @@ def solver_overrides(args) -> dict:
 def cmd_reconstruct(args) -> int:
     from .cli_field import reconstruct_from_phase
     from .runner import ReconstructionRequest, RunListener, run_reconstruction
+    from .solvers import default_method
 
     from_phase = bool(args.phase)
     if args.method is None:

@@ -80,8 +80,9 @@ def add_batch_parser(sub: Any) -> None:
 def batch_request(args: argparse.Namespace):
     from .batch.cluster import ClusterOptions
     from .batch.engine import BatchRequest
-    from .cli import default_method, solver_overrides
+    from .cli import solver_overrides
     from .errors import QSMInputError
+    from .solvers import default_method
 
     if args.scheduler and args.cluster:
         raise QSMInputError("give --scheduler or --cluster, not both")

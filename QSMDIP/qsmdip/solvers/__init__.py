@@ -31,6 +31,12 @@ DEFAULT_METHOD_FROM_PHASE = "single-step-tv"
 TOTAL_FIELD_METHODS = ("single-step-tv",)
 
 
+def default_method(from_phase: bool) -> str:
+    """The method when none is asked for: single-step TV from the phase, DIP from a local field (the command
+    line, ``qsmdip batch`` and the Slicer panel all ask this)."""
+    return DEFAULT_METHOD_FROM_PHASE if from_phase else DEFAULT_METHOD
+
+
 def _module(method: str):
     key = str(method).strip().lower()
     if key not in _REGISTRY:

@@ -374,8 +374,9 @@ def solve_dip(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[f
 
     base_ppm, base_alpha = None, None
     if settings.base != "none":
-        base_ppm, base_alpha, cancelled = _base_estimate(settings, field32, mask_bool, voxel_size, b0, str(torch_device),
-                                             callback, callback_every, settings.iterations)
+        base_ppm, base_alpha, cancelled = _base_estimate(settings, field32, mask_bool, voxel_size, b0,
+                                                         str(torch_device), callback, callback_every,
+                                                         settings.iterations)
         if cancelled:
             return SolveResult(chi_ppm=base_ppm, method="dip", iterations=0, elapsed_s=clock.elapsed_s,
                                stop_reason="cancelled", device=_device_label(torch_device))
