@@ -15,7 +15,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from ..geometry import SUPERIOR, check_voxel_size
-from ..solvers.single_step import SingleStepSettings, smv_high_pass, solve_single_step_tv
+from ..solvers.single_step import SingleStepSettings, smv_valid_mask, solve_single_step_tv
 
 
 @dataclass
@@ -48,8 +48,7 @@ def single_step_tv(total_field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm:
     result = solve_single_step_tv(total_field_ppm, mask, voxel_size_mm, b0_dir=b0_dir, settings=settings,
                                   device="cpu")
     m = np.asarray(mask) > 0.5
-    vs = check_voxel_size(voxel_size_mm)
-    keep = m if out == 0 else smv_high_pass(np.zeros(m.shape, np.float32), m, vs, float(out))[1]
+    keep = m if out == 0 else smv_valid_mask(m, check_voxel_size(voxel_size_mm), float(out))
     chosen = result.chosen
     n_in = int(m.sum())
     valid_eroded = n_in - int(chosen["valid_voxels"])

@@ -77,11 +77,18 @@ class SingleStepSettings:
                           data_term=self.data_term)
 
 
-def _valid_in_box(mask_box: np.ndarray, voxel_size_mm: Sequence[float], radius_mm: float) -> np.ndarray:
-    """The voxels of a mask's bounding box farther than ``radius_mm`` from its edge (their ball lies in it)."""
+def smv_valid_mask(mask: np.ndarray, voxel_size_mm: Sequence[float], radius_mm: float) -> np.ndarray:
+    """The voxels of ``mask`` farther than ``radius_mm`` from its edge, whose SMV ball lies in it (bool)."""
+    vs = check_voxel_size(voxel_size_mm)
+    if not (math.isfinite(radius_mm) and radius_mm >= min(vs)):
+        raise QSMInputError(f"SMV radius {radius_mm} mm must be at least the finest voxel side {min(vs):g} mm")
+    m = np.asarray(mask) > 0.5
+    box = mask_bounding_box(m)
     # distance (mm) to the nearest voxel outside the mask; the box's border counts as outside
-    depth = scipy.ndimage.distance_transform_edt(np.pad(mask_box, 1), sampling=voxel_size_mm)[1:-1, 1:-1, 1:-1]
-    return depth > radius_mm * (1 + 1e-9)
+    depth = scipy.ndimage.distance_transform_edt(np.pad(m[box], 1), sampling=vs)[1:-1, 1:-1, 1:-1]
+    valid = np.zeros(m.shape, dtype=bool)
+    valid[box] = depth > radius_mm * (1 + 1e-9)
+    return valid
 
 
 def smv_high_pass(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[float],
@@ -89,12 +96,11 @@ def smv_high_pass(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequen
     """``f - SMV_r(f)`` of the field inside ``mask`` (float32, 0 outside the valid mask), and the valid mask:
     the voxels farther than ``radius_mm`` from the mask's edge, whose ball lies in the mask (bool)."""
     vs = check_voxel_size(voxel_size_mm)
+    valid = smv_valid_mask(mask, vs, radius_mm)
     m = np.asarray(mask) > 0.5
-    if not (math.isfinite(radius_mm) and radius_mm >= min(vs)):
-        raise QSMInputError(f"SMV radius {radius_mm} mm must be at least the finest voxel side {min(vs):g} mm")
     box = mask_bounding_box(m)
     f_box = np.where(m[box], np.asarray(field_ppm, dtype=np.float64)[box], 0.0)
-    valid_box = _valid_in_box(m[box], vs, radius_mm)
+    valid_box = valid[box]
     if not valid_box.any():
         raise QSMInputError(f"the mask is too small for an SMV radius of {radius_mm:g} mm: no voxel is that far "
                             f"from its edge")
@@ -103,8 +109,6 @@ def smv_high_pass(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequen
     crop = tuple(slice(0, n) for n in f_box.shape)
     high_box = scipy.fft.irfftn(scipy.fft.rfftn(f_box, s=fft_shape) * (1.0 - smv_spectrum(fft_shape, vs, radius_mm)),
                                 s=fft_shape)[crop]
-    valid = np.zeros(m.shape, dtype=bool)
-    valid[box] = valid_box
     high = np.zeros(m.shape, dtype=np.float32)
     high[box] = np.where(valid_box, high_box, 0.0)
     return high, valid
@@ -135,10 +139,8 @@ def solve_single_step_tv(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm:
         keep = mask_bool
     elif settings.output_radius_mm == radius:
         keep = valid
-    else:  # only the mask eroded by the output radius is needed, not its high-pass
-        box = mask_bounding_box(mask_bool)
-        keep = np.zeros_like(mask_bool)
-        keep[box] = _valid_in_box(mask_bool[box], vs, float(settings.output_radius_mm))
+    else:
+        keep = smv_valid_mask(mask_bool, vs, float(settings.output_radius_mm))
     # the box reaches radius_mm beyond the valid mask, to the input mask's edge where chi is returned
     crop = crop_to_mask(high, valid, margin=2 + int(math.ceil(max(radius / v for v in vs))))
     scale = crop.field_scale()
