@@ -34,7 +34,7 @@ def single_step_tv(total_field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm:
                    b0_dir: Sequence[float] = SUPERIOR, radius_mm: float = 4.0,
                    output_radius_mm: Optional[float] = None,
                    alpha: Optional[float] = None, iterations: int = 300,
-                   tolerance: float = 1e-4, data_term: str = "l1") -> SingleStepResult:
+                   tolerance: float = SingleStepSettings.tolerance, data_term: str = "l1") -> SingleStepResult:
     """chi (ppm) from the total field (ppm) in ``mask``: SMV high-pass of radius ``radius_mm`` + filtered TV.
 
     ``alpha`` None chooses the TV weight by hold-out cross-validation. The data term covers the mask eroded by
