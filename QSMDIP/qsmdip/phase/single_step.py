@@ -33,8 +33,9 @@ class SingleStepResult:
 def single_step_tv(total_field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[float], *,
                    b0_dir: Sequence[float] = SUPERIOR, radius_mm: float = 4.0,
                    output_radius_mm: Optional[float] = None,
-                   alpha: Optional[float] = None, iterations: int = 300,
-                   tolerance: float = SingleStepSettings.tolerance, data_term: str = "l1") -> SingleStepResult:
+                   alpha: Optional[float] = None, iterations: int = SingleStepSettings.iterations,
+                   tolerance: float = SingleStepSettings.tolerance,
+                   data_term: str = SingleStepSettings.data_term) -> SingleStepResult:
     """chi (ppm) from the total field (ppm) in ``mask``: SMV high-pass of radius ``radius_mm`` + filtered TV.
 
     ``alpha`` None chooses the TV weight by hold-out cross-validation. The data term covers the mask eroded by
