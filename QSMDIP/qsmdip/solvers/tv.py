@@ -47,6 +47,8 @@ _DIMS = (-3, -2, -1)
 MU1_PER_ALPHA = 3.0
 #: data terms TV-ADMM can fit (TVSettings.data_term)
 DATA_TERMS = ("l2", "l1")
+#: where the final solve after an automatic weight choice starts (``TVSettings.final_start``)
+FINAL_STARTS = ("cold", "warm")
 log = logging.getLogger("qsmdip")
 
 
@@ -85,6 +87,10 @@ class TVSettings:
             robust to a few grossly wrong voxels, such as the phase of dephased voxels in a bleed, which
             least squares spreads as streaks; Milovic et al., MRM 2021). With "l1" the hold-out choice scores
             the mean absolute held-out residual. Measured in ``docs/results/background-removal.md``.
+        final_start: where the final solve after an automatic choice starts: "cold" (from zero, as a solve
+            at a given weight does) or "warm" (from the chosen candidate's ADMM state). From the warm state
+            the relative change falls under ``tolerance`` long before the map has converged: realistic 1 mm,
+            the same weight 0.0073 gave 13.64 % warm (10 iterations) and 12.01 % cold (127 iterations).
     """
 
     alpha: Optional[float] = None
@@ -101,8 +107,11 @@ class TVSettings:
     seed: int = 0
     alpha_factor: float = 1.0
     data_term: str = "l2"
+    final_start: str = "warm"
 
     def __post_init__(self) -> None:
+        if self.final_start not in FINAL_STARTS:
+            raise QSMInputError(f"TV final_start must be one of {', '.join(FINAL_STARTS)}, got {self.final_start!r}")
         if self.data_term not in DATA_TERMS:
             raise QSMInputError(f"TV data_term must be one of {', '.join(DATA_TERMS)}, got {self.data_term!r}")
         for name in (("alpha",) if self.alpha is not None else ()) + ("mu2", "alpha_factor") + \
@@ -360,6 +369,8 @@ def solve_tv(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[fl
 
             choice, state = choose_alpha(problem, settings, torch_device, on_candidate=show_candidate,
                                          cancelled=lambda: cancelled or watch.expired())
+            if settings.final_start == "cold":
+                state = None
             alpha = _final_alpha(choice.chosen, settings)
             log.info("tv: alpha %.4g (relative to the field RMS) chosen by hold-out cross-validation over %s; "
                      "final solve at %.4g", choice.chosen, ", ".join(f"{a:g}" for a in choice.candidates), alpha)
