@@ -116,7 +116,8 @@ class DIPSettings:
     magnitude_input: bool = True               #: given a magnitude, feed it to the network as an extra channel
     #: ... but only on voxels at least this coarse (geometric mean of the sides, mm; 0: always). On the realistic
     #: phantom the channel helped at 2 mm (17.33 % against 19.83 % without it) and 3 mm, and hurt at 1.5 mm
-    #: (9.67 against 7.82 %) and 1 mm (9.94 against 6.30 %): docs/dip-experiments.md, "Where the channel turns from help to harm"
+    #: (9.67 against 7.82 %) and 1 mm (9.94 against 6.30 %): docs/dip-experiments.md, "Where the channel
+    #: turns from help to harm"
     magnitude_input_min_voxel_mm: float = 1.75
     magnitude_weighting: bool = True           #: given a magnitude, weight the data term by magnitude^2 (noise model)
 
