@@ -3,6 +3,7 @@ neither. Same phantom, seed and settings otherwise; the truth only scores the re
 
     python benchmarks/dip_magnitude_uses.py --voxel 2 --tilt 0
     python benchmarks/dip_magnitude_uses.py --voxel 1 --uses both,weight --out dip-magnitude-uses.jsonl
+    python benchmarks/dip_magnitude_uses.py --voxel 1.5 --supersample 2 --uses both,weight   # with dephasing
 
 Appends one JSON line per run to --out (the committed records are docs/results/dip-magnitude-uses.jsonl for
 the CPU and docs/results/gpu-2026-12-04/ablate-1mm.jsonl for 1 mm on an H200). Run it alone: the seconds
@@ -33,25 +34,27 @@ def main() -> None:
     parser.add_argument("--voxel", type=float, default=2.0, help="isotropic voxel size (mm)")
     parser.add_argument("--tilt", type=float, default=0.0, help="B0 tilt about the i axis (degrees)")
     parser.add_argument("--uses", default="both,weight,input,none", help=f"comma-separated of {', '.join(USES)}")
+    parser.add_argument("--supersample", type=int, default=None,
+                        help="phantom simulation voxels per voxel and axis (default: 2 from 2 mm up, else 1)")
     parser.add_argument("--set", default="{}", help="JSON overrides of the default DIP preset")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default="dip-magnitude-uses.jsonl")
     args = parser.parse_args()
 
     b0 = b0_tilted_about_i(args.tilt)
-    phantom = make_realistic_phantom(None, (args.voxel,) * 3, snr=100, seed=0, b0_dir=b0)
+    phantom = make_realistic_phantom(None, (args.voxel,) * 3, snr=100, seed=0, b0_dir=b0,
+                                     supersampling=args.supersample)
     overrides = json.loads(args.set)
     for use in args.uses.split(","):
         given, channel, weighting = USES[use]
-        # the channel is forced where asked for: the default would leave it out below 1.75 mm
-        settings = dip.dip_settings("default", **dict(overrides, magnitude_input=channel, magnitude_weighting=weighting,
-                                                      magnitude_input_min_voxel_mm=0.0))
+        settings = dip.dip_settings("default", **dict(overrides, magnitude_input=channel,
+                                                      magnitude_weighting=weighting))
         start = time.perf_counter()
         result = dip.solve_dip(phantom.field_ppm, phantom.mask, phantom.voxel_size_mm, b0_dir=b0, settings=settings,
                                magnitude=phantom.magnitude if given else None, device=args.device)
         seconds = time.perf_counter() - start
         metrics = all_metrics(result.chi_ppm, phantom.chi_ppm, phantom.mask)
-        row = dict(voxel=args.voxel, tilt=args.tilt, use=use, set=overrides,
+        row = dict(voxel=args.voxel, tilt=args.tilt, supersample=args.supersample, use=use, set=overrides,
                    **{k: round(metrics[k], 3) for k in ("nrmse", "hfen", "xsim")},
                    iterations=result.iterations, stop=result.stop_reason, seconds=round(seconds, 1),
                    device=result.device)

@@ -224,23 +224,6 @@ def test_reconstruct_with_a_multi_echo_magnitude(phantom_dir, tmp_path, capsys):
     np.testing.assert_array_equal(qsm.array, qio.read_volume(str(without)).array)
 
 
-def test_dip_says_whether_the_magnitude_is_an_input_channel(phantom_dir, tmp_path, capsys):
-    """4 mm voxels: the channel is used; with the threshold raised past them it is not, and the line says so."""
-    f = files(phantom_dir)
-    field = qio.read_volume(f["field"])
-    mask = qio.read_volume(f["mask"]).array > 0
-    magnitude = write_echoes(tmp_path / "magnitude.nii.gz", [200.0 + 300.0 * mask], field)
-    tiny = ["--method", "dip", "--set", "iterations=2", "--set", "width=4", "--set", "depth=2",
-            "--set", "base_iterations=3", "--magnitude", magnitude]
-    assert main(recon_args(f["field"], f["mask"], str(tmp_path / "a.nii.gz"), *tiny)) == 0
-    assert "dip: magnitude as the network's input channel: yes (voxel 4.00 mm, channel from 1.75 mm)" in \
-        capsys.readouterr().out
-    assert main(recon_args(f["field"], f["mask"], str(tmp_path / "b.nii.gz"), *tiny,
-                           "--set", "magnitude_input_min_voxel_mm=5")) == 0
-    assert "dip: magnitude as the network's input channel: no (voxel 4.00 mm, channel from 5 mm)" in \
-        capsys.readouterr().out
-
-
 @pytest.mark.parametrize("case, needle", [
     ("missing", "no such file"),
     ("zero", "magnitude is zero everywhere"),

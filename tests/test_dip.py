@@ -10,8 +10,7 @@ from qsmdip.metrics import nrmse
 from qsmdip.operator import forward_field
 from qsmdip.solvers.base import Progress
 from qsmdip.device import cpu_has_native_bf16
-from qsmdip.solvers.dip import (PRESETS, DIPSettings, _autocast_dtype, dip_settings, magnitude_channel_used,
-                                 mean_voxel_side_mm, solve_dip)
+from qsmdip.solvers.dip import PRESETS, DIPSettings, _autocast_dtype, dip_settings, solve_dip
 from qsmdip.solvers.tikhonov import solve_tikhonov
 from qsmdip.solvers.tkd import TKDSettings, solve_tkd
 from qsmdip.solvers.tv import TVSettings, solve_tv
@@ -79,8 +78,6 @@ def test_default_preset_is_the_measured_hybrid():
     assert (s.ema, s.holdout_fraction, s.holdout_rise) == (0.9, None, 0.1)
     # with a magnitude: a second input channel and a magnitude^2-weighted data term; the base's weight is chosen
     assert (s.magnitude_input, s.magnitude_weighting, s.base_alpha) == (True, True, None)
-    # the channel only on voxels of 1.75 mm and coarser (it helped at 2 and 3 mm, hurt at 1.5 and 1 mm)
-    assert s.magnitude_input_min_voxel_mm == 1.75
     assert PRESETS["fast"] == dataclasses.replace(s, width=8)
 
 
@@ -116,7 +113,6 @@ def test_penalty_weights_that_cannot_be_chosen_are_refused():
     ("input", "base"),  # with the default base replaced by none below
     ("holdout_fraction", 0.6), ("holdout_fraction", -0.1), ("holdout_rise", 0.0),
     ("base_alpha_factor", 0.0), ("base_alpha_factor", float("inf")), ("decoder", "transposed"),
-    ("magnitude_input_min_voxel_mm", -1.0), ("magnitude_input_min_voxel_mm", "2 mm"),
 ])
 def test_invalid_settings_name_the_bad_value(field, value):
     extra = {"base": "none"} if field == "input" and value == "base" else {}
@@ -408,31 +404,6 @@ def test_magnitude_is_used_as_a_prior_only_when_asked(tiny_case):
     np.testing.assert_array_equal(ignored.chi_ppm, plain.chi_ppm)
     with pytest.raises(QSMInputError, match="negative"):
         solve_dip(field, mask, VOXEL_MM, settings=settings, device="cpu", magnitude=-magnitude)
-
-
-def test_magnitude_channel_depends_on_the_voxel_volume():
-    s = DIPSettings()
-    assert magnitude_channel_used(s, (2.0, 2.0, 2.0)) and magnitude_channel_used(s, (3.0, 3.0, 3.0))
-    assert not magnitude_channel_used(s, (1.0, 1.0, 1.0)) and not magnitude_channel_used(s, (1.5, 1.5, 1.5))
-    # anisotropic voxels count by their volume: 1 x 1 x 2 mm is a 1.26 mm cube, 1.5 x 1.5 x 3 mm a 1.89 mm one
-    assert mean_voxel_side_mm((1.0, 1.0, 2.0)) == pytest.approx(2 ** (1 / 3))
-    assert not magnitude_channel_used(s, (1.0, 1.0, 2.0)) and magnitude_channel_used(s, (1.5, 1.5, 3.0))
-    assert magnitude_channel_used(dataclasses.replace(s, magnitude_input_min_voxel_mm=0.0), (0.5, 0.5, 0.5))
-    assert not magnitude_channel_used(dataclasses.replace(s, magnitude_input=False), (3.0, 3.0, 3.0))
-
-
-def test_magnitude_channel_follows_the_grid_in_a_solve(tiny_case):
-    """The same data on a 2 mm and a 1 mm grid: the channel is used (and reported) on the coarse one only;
-    the magnitude's data weighting applies on both."""
-    chi, mask, field = tiny_case
-    magnitude = np.where(mask, 1.0 + 0.5 * (chi > chi[mask].mean()), 0.0).astype(np.float32)
-    settings = dip_settings("default", width=4, depth=2, iterations=6, base_iterations=10, holdout_fraction=0.0)
-    weight_only = dataclasses.replace(settings, magnitude_input=False)
-    for voxel, channel in (((2.0, 2.0, 2.0), True), ((1.0, 1.0, 1.0), False)):
-        full = solve_dip(field, mask, voxel, settings=settings, device="cpu", magnitude=magnitude)
-        weighted = solve_dip(field, mask, voxel, settings=weight_only, device="cpu", magnitude=magnitude)
-        assert full.chosen["magnitude_input"] is channel and weighted.chosen["magnitude_input"] is False
-        assert np.array_equal(full.chi_ppm, weighted.chi_ppm) is (not channel)
 
 
 def test_cpu_autocast_follows_the_hardware_and_keeps_the_result(tiny_case):

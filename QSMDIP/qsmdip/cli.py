@@ -363,9 +363,6 @@ def cmd_reconstruct(args) -> int:
         rule = result.chosen.get(f"{name.rstrip('_')}_rule", "given")
         if name in result.chosen and rule != "given":
             print(f"{args.method}: {name} {result.chosen[name]:.4g} chosen from the data ({rule})")
-    if "magnitude_input" in result.chosen:
-        print(f"{args.method}: magnitude as the network's input channel: "
-              f"{'yes' if result.chosen['magnitude_input'] else 'no'} ({result.chosen['magnitude_input_rule']})")
     if result.metrics:
         print(format_metrics_table({args.method: result.metrics}))
     return 0

@@ -218,12 +218,20 @@ class Anatomy:
     fractions: Dict[str, np.ndarray]
 
 
-def build_anatomy(shape: Sequence[int], voxel_size_mm: Sequence[float], rng: np.random.Generator) -> Anatomy:
+def build_anatomy(shape: Sequence[int], voxel_size_mm: Sequence[float], rng: np.random.Generator,
+                  supersampling: Optional[int] = None) -> Anatomy:
     """Tissue, nuclei, veins, calcification and bleed on the simulation grid of a ``shape`` matrix of
-    ``voxel_size_mm`` voxels centred on the brain (:data:`BRAIN_CENTRE_MNI`); ``rng`` draws the texture."""
+    ``voxel_size_mm`` voxels centred on the brain (:data:`BRAIN_CENTRE_MNI`); ``rng`` draws the texture.
+    ``supersampling``: simulation voxels per voxel along each axis (None: 2 from 2 mm up, else 1)."""
     vs = check_voxel_size(voxel_size_mm)
     shape3 = tuple(int(n) for n in shape)
-    factors = _supersampling(vs)
+    if supersampling is None:
+        factors = _supersampling(vs)
+    elif isinstance(supersampling, (int, np.integer)) and not isinstance(supersampling, bool) and \
+            1 <= supersampling <= 4:
+        factors = (int(supersampling),) * 3
+    else:
+        raise QSMInputError(f"phantom supersampling must be a whole number from 1 to 4, got {supersampling!r}")
     fine = _FineGrid([n * f for n, f in zip(shape3, factors)], [v / f for v, f in zip(vs, factors)],
                      BRAIN_CENTRE_MNI)
     t1, gm_map, wm_map, origin = load_mni_maps()
@@ -292,7 +300,7 @@ def make_realistic_phantom(shape: Optional[Sequence[int]] = None,
                            voxel_size_mm: Sequence[float] = (2.0, 2.0, 2.0), *,
                            b0_dir: Sequence[float] = SUPERIOR, snr: Optional[float] = 100.0, seed: int = 0,
                            b0_tesla: float = 3.0, echo_times_s: Sequence[float] = DEFAULT_ECHO_TIMES_S,
-                           pad_factor: float = 2.0) -> RealisticPhantom:
+                           pad_factor: float = 2.0, supersampling: Optional[int] = None) -> RealisticPhantom:
     """Build the realistic phantom, its multi-echo GRE signal and the local field measured from it.
 
     Args:
@@ -306,6 +314,9 @@ def make_realistic_phantom(shape: Optional[Sequence[int]] = None,
         b0_tesla: field strength (sets the phase per ppm and scales R2*).
         echo_times_s: echo times in seconds (monopolar; at least one).
         pad_factor: zero-padding of the forward model's FFT (2 avoids wrap-around).
+        supersampling: simulation voxels per voxel along each axis; the signal is averaged over them, so the
+            magnitude shows intravoxel dephasing. None: 2 for voxels of 2 mm and coarser, 1 below (then a
+            voxel's signal is that of its centre, and the magnitude has no dephasing).
 
     Returns:
         a :class:`RealisticPhantom`: ``chi_ppm`` and ``field_ppm`` (zero outside ``mask``) on the
@@ -318,7 +329,7 @@ def make_realistic_phantom(shape: Optional[Sequence[int]] = None,
                                              what="phantom")
 
     rng = np.random.default_rng(seed)
-    anatomy = build_anatomy(shape3, vs, rng)
+    anatomy = build_anatomy(shape3, vs, rng, supersampling)
     fine, factors, chi, brain = anatomy.grid, anatomy.factors, anatomy.chi, anatomy.brain
     gm, wm, csf, r2s_extra, fractions = anatomy.gm, anatomy.wm, anatomy.csf, anatomy.r2s_extra, anatomy.fractions
 

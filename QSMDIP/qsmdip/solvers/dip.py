@@ -114,11 +114,6 @@ class DIPSettings:
     holdout_fraction: Optional[float] = None
     holdout_rise: float = 0.1                  #: stop once the held-out misfit is this much above its minimum
     magnitude_input: bool = True               #: given a magnitude, feed it to the network as an extra channel
-    #: ... but only on voxels at least this coarse (geometric mean of the sides, mm; 0: always). On the realistic
-    #: phantom the channel helped at 2 mm (17.33 % against 19.83 % without it) and 3 mm, and hurt at 1.5 mm
-    #: (9.67 against 7.82 %) and 1 mm (9.94 against 6.30 %): docs/dip-experiments.md, "Where the channel
-    #: turns from help to harm"
-    magnitude_input_min_voxel_mm: float = 1.75
     magnitude_weighting: bool = True           #: given a magnitude, weight the data term by magnitude^2 (noise model)
 
     def __post_init__(self) -> None:
@@ -153,8 +148,6 @@ class DIPSettings:
         for name in ("magnitude_input", "magnitude_weighting"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be True or False")
-        if not _is_number(self.magnitude_input_min_voxel_mm) or self.magnitude_input_min_voxel_mm < 0:
-            raise bad("magnitude_input_min_voxel_mm", "must be a number of mm >= 0")
         if self.max_seconds is not None and (not _is_number(self.max_seconds) or self.max_seconds <= 0):
             raise bad("max_seconds", "must be a positive number of seconds or None")
         if not _is_number(self.pad_factor) or self.pad_factor < 1:
@@ -338,22 +331,6 @@ def _base_estimate(settings: DIPSettings, field32: np.ndarray, mask: np.ndarray,
     return result.chi_ppm, None if alpha is None else float(alpha), cancelled
 
 
-def mean_voxel_side_mm(voxel_size_mm: Sequence[float]) -> float:
-    """The side of a cube of the voxel's volume (mm): one size for anisotropic voxels."""
-    return float(np.prod([float(v) for v in voxel_size_mm])) ** (1.0 / 3.0)
-
-
-def magnitude_channel_used(settings: DIPSettings, voxel_size_mm: Sequence[float]) -> bool:
-    """Whether a given magnitude goes to the network as an input channel on this grid.
-
-    On fine grids the channel made the maps worse on the realistic phantom (1.5 and 1 mm), on coarse ones
-    better (2 and 3 mm); ``settings.magnitude_input_min_voxel_mm`` sits between them. The data term's
-    magnitude weighting does not depend on the grid.
-    """
-    return bool(settings.magnitude_input) and \
-        mean_voxel_side_mm(voxel_size_mm) >= float(settings.magnitude_input_min_voxel_mm) - 1e-6
-
-
 def _penalty(settings: DIPSettings, base_alpha: Optional[float], has_magnitude: bool) -> Tuple[str, float, float]:
     """The regulariser, its weight and the hold-out share this run uses (what "auto" and None resolve to)."""
     kind = settings.regulariser
@@ -424,14 +401,7 @@ def solve_dip(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[f
 
     generator = torch.Generator(device="cpu").manual_seed(settings.seed)
     in_channels = settings.noise_channels if settings.input == "noise" else 1
-    use_magnitude = magnitude32 is not None and magnitude_channel_used(settings, voxel_size)
-    if magnitude32 is not None:
-        chosen["magnitude_input"] = use_magnitude
-        chosen["magnitude_input_rule"] = (
-            "switched off" if not settings.magnitude_input else
-            f"voxel {mean_voxel_side_mm(voxel_size):.2f} mm, channel from {settings.magnitude_input_min_voxel_mm:g} mm")
-        log.info("dip: magnitude as an input channel: %s (%s)", "yes" if use_magnitude else "no",
-                 chosen["magnitude_input_rule"])
+    use_magnitude = magnitude32 is not None and settings.magnitude_input
     net = UNet3d(in_channels + int(use_magnitude), 1, width=settings.width, depth=settings.depth,
                  decoder=settings.decoder)
     net.reset_parameters(generator)
