@@ -335,8 +335,10 @@ def test_a_killed_worker_s_subject_is_retried_and_nothing_is_lost(dataset, tmp_p
 
 def test_ctrl_c_cancels_cleanly_with_exit_130(dataset, tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.Popen(batch_command(str(dataset), "--out", str(out), "--method", "tv", "--iterations", "400",
-                                          "--workers", "1", "--no-progress"),
+    # TV without its tolerance, for far more iterations than the Ctrl-C needs: on a fast CPU a converging TV could
+    # finish and start publishing before the signal lands, leaving images without the Chimap's sidecar
+    proc = subprocess.Popen(batch_command(str(dataset), "--out", str(out), "--method", "tv", "--iterations", "100000",
+                                          "--set", "tolerance=0", "--workers", "1", "--no-progress"),
                             env=ENV, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(out / ".qsmdip-batch" / "attempts" / "sub-01.json")
