@@ -15,33 +15,21 @@ import os
 import sys
 import time
 
-import numpy as np
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "QSMDIP"))
 
 from qsmdip.geometry import b0_tilted_about_i  # noqa: E402
 from qsmdip.metrics import all_metrics  # noqa: E402
-from qsmdip.operator import forward_field  # noqa: E402
 from qsmdip.phantom import make_head_phantom  # noqa: E402
 from qsmdip.solvers.tv import FINAL_STARTS, TVSettings, solve_tv  # noqa: E402
 
 
 def ellipsoids():
-    """The piecewise-constant phantom of tests/test_classical_solvers.py (noise 0.002 ppm, axial, 1 mm)."""
-    shape, centre = (40, 36, 32), np.array([17.0, 17.0, 16.0])
-
-    def inside(c, radii):
-        idx = np.indices(shape).astype(float)
-        return sum(((idx[a] - c[a]) / radii[a]) ** 2 for a in range(3)) <= 1.0
-    mask = inside(centre, (14.0, 14.0, 14.0))
-    chi = np.zeros(shape)
-    for offset, radii, value in [((-5, 0, 0), (4, 3, 6), 0.1), ((5, 3, -2), (3, 5, 3), -0.05),
-                                 ((0, -6, 5), (3, 3, 3), 0.2), ((2, 6, 6), (5, 3, 2.5), 0.04)]:
-        chi[inside(centre + np.array(offset), radii)] = value
-    chi *= mask
-    field = forward_field(chi, (1.0,) * 3, (0.0, 0.0, 1.0))
-    field = field + 0.002 * np.random.default_rng(0).standard_normal(shape)
-    return chi, mask, (field * mask).astype(np.float32), (1.0,) * 3, (0.0, 0.0, 1.0)
+    """The noisy piecewise-constant phantom of the TV tests (tests/test_classical_solvers.py), imported so that
+    this case stays the one the tests assert on."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+    from test_classical_solvers import AXIAL, ISO, NOISE_PPM, make_phantom
+    chi, mask, field = make_phantom(noise_ppm=NOISE_PPM)
+    return chi, mask, field, ISO, AXIAL
 
 
 def phantom_case(name: str):
