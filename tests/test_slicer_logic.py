@@ -1141,7 +1141,9 @@ def test_gre_session_cancelled_between_stages_says_after_which(scene, gre_arrays
     deadline = time.time() + 120
     while session.poll().stage_index < 0 and not session.state.finished and time.time() < deadline:
         time.sleep(0.02)
-    assert session.state.stage == "inputs", session.state.message
+    # the first poll that sees a stage may see two: reading the inputs, then the magnitude's mask, takes
+    # milliseconds on a fast CPU; the expensive stages (unwrapping on) are still to come
+    assert session.state.stage in ("inputs", "mask"), session.state.message
     session.cancel()
     state = session.wait(60)
     assert state.phase == "cancelled" and state.message.startswith("cancelled after the "), state.message
