@@ -3,7 +3,7 @@ neither. Same phantom, seed and settings otherwise; the truth only scores the re
 
     python benchmarks/dip_magnitude_uses.py --voxel 2 --tilt 0
     python benchmarks/dip_magnitude_uses.py --voxel 1 --uses both,weight --out dip-magnitude-uses.jsonl
-    python benchmarks/dip_magnitude_uses.py --voxel 1.5 --supersample 2 --uses both,weight   # with dephasing
+    python benchmarks/dip_magnitude_uses.py --voxel 1.5 --supersample 1 --uses both,weight   # no dephasing
 
 Appends one JSON line per run to --out (the committed records are docs/results/dip-magnitude-uses.jsonl for
 the CPU and docs/results/gpu-2026-12-04/ablate-1mm.jsonl for 1 mm on an H200). Run it alone: the seconds
@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import qsmdip.solvers.dip as dip  # noqa: E402
 from qsmdip.geometry import b0_tilted_about_i  # noqa: E402
 from qsmdip.metrics import all_metrics  # noqa: E402
-from qsmdip.realistic_phantom import make_realistic_phantom  # noqa: E402
+from qsmdip.realistic_phantom import PHANTOM_SUPERSAMPLING, make_realistic_phantom  # noqa: E402
 
 #: use -> (magnitude given, magnitude_input, magnitude_weighting)
 USES = {"none": (False, False, False), "input": (True, True, False), "weight": (True, False, True),
@@ -34,8 +34,9 @@ def main() -> None:
     parser.add_argument("--voxel", type=float, default=2.0, help="isotropic voxel size (mm)")
     parser.add_argument("--tilt", type=float, default=0.0, help="B0 tilt about the i axis (degrees)")
     parser.add_argument("--uses", default="both,weight,input,none", help=f"comma-separated of {', '.join(USES)}")
-    parser.add_argument("--supersample", type=int, default=None,
-                        help="phantom simulation voxels per voxel and axis (default: 2 from 2 mm up, else 1)")
+    parser.add_argument("--supersample", type=int, default=PHANTOM_SUPERSAMPLING,
+                        help="phantom simulation voxels per voxel and axis (default %(default)s at every size; "
+                             "rows before 2026-12-04 without 'supersample' had 2 from 2 mm up, else 1)")
     parser.add_argument("--set", default="{}", help="JSON overrides of the default DIP preset")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default="dip-magnitude-uses.jsonl")
