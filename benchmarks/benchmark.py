@@ -30,7 +30,7 @@ from qsmdip.device import resolve_device  # noqa: E402
 from qsmdip.geometry import b0_tilted_about_i  # noqa: E402
 from qsmdip.metrics import all_metrics, nrmse, xsim  # noqa: E402
 from qsmdip.phantom import make_head_phantom  # noqa: E402
-from qsmdip.realistic_phantom import make_realistic_phantom  # noqa: E402
+from qsmdip.realistic_phantom import PHANTOM_SUPERSAMPLING, make_realistic_phantom  # noqa: E402
 from qsmdip.solvers import get_solver, make_settings, settings_class  # noqa: E402
 
 CHECKPOINTS_S = (10, 30, 60, 120, 300, 600, 1200)
@@ -149,6 +149,9 @@ def main(argv=None):
     parser.add_argument("--snr", type=float, default=None,
                         help="noise; default 100 for the realistic phantom (GRE magnitude SNR, typical of 3 T) "
                              "and 200 for the simple one (field SNR)")
+    parser.add_argument("--supersample", type=int, default=PHANTOM_SUPERSAMPLING,
+                        help="realistic phantom: simulation voxels per voxel and axis (default %(default)s; 1 "
+                             "point-samples, as the phantom did below 2 mm before 2026-12-04)")
     parser.add_argument("--no-sweeps", action="store_true", help="skip the oracle weight sweeps")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--presets", default="default",
@@ -167,8 +170,11 @@ def main(argv=None):
         for tilt in args.tilts:
             b0 = b0_tilted_about_i(tilt)
             snr = args.snr if args.snr is not None else DEFAULT_SNR[kind]
-            make = make_realistic_phantom if kind == "realistic" else make_head_phantom
-            phantom = make(None, (voxel,) * 3, b0_dir=b0, snr=snr, seed=0)
+            if kind == "realistic":
+                phantom = make_realistic_phantom(None, (voxel,) * 3, b0_dir=b0, snr=snr, seed=0,
+                                                 supersampling=args.supersample)
+            else:
+                phantom = make_head_phantom(None, (voxel,) * 3, b0_dir=b0, snr=snr, seed=0)
             title = (f"{kind} phantom {voxel:g} mm {phantom.chi_ppm.shape}, B0 tilt {tilt:g} deg, SNR {snr:g} "
                      f"(field noise {phantom.noise_std_ppm * 1000:.2f} ppb)")
             print(f"\n== {title}", flush=True)
