@@ -176,7 +176,8 @@ def main(argv=None):
             else:
                 phantom = make_head_phantom(None, (voxel,) * 3, b0_dir=b0, snr=snr, seed=0)
             title = (f"{kind} phantom {voxel:g} mm {phantom.chi_ppm.shape}, B0 tilt {tilt:g} deg, SNR {snr:g} "
-                     f"(field noise {phantom.noise_std_ppm * 1000:.2f} ppb)")
+                     f"(field noise {phantom.noise_std_ppm * 1000:.2f} ppb"
+                     + (f", simulated {args.supersample}x finer)" if kind == "realistic" else ")"))
             print(f"\n== {title}", flush=True)
             tv_fixed = {"iterations": args.tv_iterations} if args.tv_iterations else {}
             rows = [run_method("tkd", phantom, device)]
@@ -208,7 +209,8 @@ def main(argv=None):
                           f"{best[1]:.0f} s; oracle, for reference only); returned - best: "
                           f"{m['nrmse'] - best[2]:+.2f} points")
             sys.stdout.flush()
-            report.append(dict(title=title, kind=kind, voxel=voxel, tilt=tilt, device=note, rows=rows))
+            report.append(dict(title=title, kind=kind, voxel=voxel, tilt=tilt, device=note, rows=rows,
+                               supersample=args.supersample if kind == "realistic" else None))
             if args.json:  # rewrite after each phantom so a cut-off run keeps what it measured
                 with open(args.json, "w") as handle:
                     json.dump(report, handle, indent=1, default=float)

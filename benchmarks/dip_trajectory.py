@@ -43,6 +43,9 @@ def main() -> None:
     parser.add_argument("--tilt", type=float, default=0.0, help="B0 tilt about the i axis (degrees)")
     parser.add_argument("--set", default="{}", help="JSON overrides of the default DIP preset")
     parser.add_argument("--every", type=int, default=1, help="score every N iterations")
+    parser.add_argument("--supersample", type=int, default=None,
+                        help="realistic phantom: simulation voxels per voxel and axis (default 2; 1 point-samples, "
+                             "as below 2 mm before 2026-12-04)")
     parser.add_argument("--tag", default="")
     parser.add_argument("--out", default="dip-trajectory.jsonl")
     args = parser.parse_args()
@@ -51,7 +54,7 @@ def main() -> None:
     voxel = (args.voxel,) * 3
     if args.kind == "realistic":
         from qsmdip.realistic_phantom import make_realistic_phantom
-        phantom = make_realistic_phantom(None, voxel, snr=100, seed=0, b0_dir=b0)
+        phantom = make_realistic_phantom(None, voxel, snr=100, seed=0, b0_dir=b0, supersampling=args.supersample)
     else:
         phantom = make_head_phantom(None, voxel, snr=200, b0_dir=b0)
     magnitude = phantom.magnitude if args.kind == "realistic" and args.magnitude else None

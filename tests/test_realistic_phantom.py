@@ -132,6 +132,27 @@ def test_supersampling_can_be_chosen(vs, shape):
     np.testing.assert_array_equal(default.magnitude, two.magnitude)
     assert one.chi_ppm.shape == two.chi_ppm.shape == shape
     assert not np.allclose(one.magnitude, two.magnitude)
+    np.testing.assert_array_equal(make_realistic_phantom(shape, vs, snr=None, supersampling=None).magnitude,
+                                  default.magnitude)
     for bad in (0, 5, 1.5, True):
         with pytest.raises(QSMInputError, match="supersampling"):
             make_realistic_phantom(shape, vs, snr=None, supersampling=bad)
+
+
+def test_whole_head_rule_still_point_samples_below_2mm():
+    """build_anatomy's None is the whole-head acquisition's rule (its 1 mm field of view would not fit in
+    memory on a 0.5 mm grid): 2 per axis from 2 mm up, 1 below, per axis for anisotropic voxels."""
+    from qsmdip.realistic_phantom import build_anatomy
+    rng = np.random.default_rng(0)
+    assert build_anatomy((8, 8, 8), (1.5, 1.5, 1.5), rng).factors == (1, 1, 1)
+    assert build_anatomy((8, 8, 8), (1.0, 1.0, 3.0), rng).factors == (1, 1, 2)
+    assert build_anatomy((8, 8, 8), (2.0, 2.0, 2.0), rng).factors == (2, 2, 2)
+
+
+def test_a_large_simulation_grid_is_warned_about(monkeypatch, caplog):
+    """A fine grid past the threshold (1 mm is just under it) says how much memory to expect."""
+    import qsmdip.realistic_phantom as rp
+    monkeypatch.setattr(rp, "LARGE_SIMULATION_VOXELS", 10_000)
+    with caplog.at_level("WARNING", logger="qsmdip.realistic_phantom"):
+        make_realistic_phantom((12, 14, 12), (3.0, 3.0, 3.0), snr=None)
+    assert any("simulation grid" in r.message and "GB" in r.message for r in caplog.records)

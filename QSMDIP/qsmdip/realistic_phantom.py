@@ -12,8 +12,8 @@ continuous partial volumes and the folded cortex of a real brain. On top of the 
 - veins of several calibres (0.6 to 2.5 mm radius) at several angles to B0, a diamagnetic calcification
   and a strongly paramagnetic haemorrhage.
 
-Anti-aliasing and anti-"inverse crime": the anatomy and its field are built on a simulation grid up to
-twice as fine as the requested one (1 mm for 2 mm voxels) and block-averaged, so the data are not made
+Anti-aliasing and anti-"inverse crime": the anatomy and its field are built on a simulation grid twice as
+fine as the requested one at every voxel size (1 mm for 2 mm voxels) and block-averaged, so the data are not made
 with the discretisation the solvers invert. The acquisition is simulated on that fine grid too: a
 monopolar multi-echo GRE with S0 by tissue and R2* that rises with iron and |chi|, complex signals
 averaged over each voxel (so veins and the bleed lose signal by dephasing, as in vivo), complex Gaussian
@@ -29,6 +29,8 @@ import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import logging
+
 import numpy as np
 import scipy.ndimage
 import torch
@@ -38,6 +40,8 @@ from .geometry import SUPERIOR, check_voxel_size, unit_vector
 from .operator import forward_field
 from .phantom import LABEL, TISSUES, HeadPhantom
 from .units import GAMMA_BAR_MHZ_PER_T
+
+log = logging.getLogger(__name__)
 
 #: Field of view (mm, along i, j, k) around the brain's centre; 84 x 100 x 86 voxels at 2 mm.
 REALISTIC_BOX_MM = (168.0, 200.0, 172.0)
@@ -127,6 +131,8 @@ def default_realistic_shape(voxel_size_mm: Sequence[float]) -> Tuple[int, int, i
 
 
 PHANTOM_SUPERSAMPLING = 2
+LARGE_SIMULATION_VOXELS = 50_000_000
+BYTES_PER_SIMULATION_VOXEL = 195  # measured: 9.0 GB peak for the 1 mm phantom's 46 million simulation voxels
 """Simulation voxels per voxel and axis of :func:`make_realistic_phantom`, at every voxel size: averaging the
 complex signal over them gives the magnitude its intravoxel dephasing where chi changes within a voxel."""
 
@@ -308,7 +314,8 @@ def make_realistic_phantom(shape: Optional[Sequence[int]] = None,
                            voxel_size_mm: Sequence[float] = (2.0, 2.0, 2.0), *,
                            b0_dir: Sequence[float] = SUPERIOR, snr: Optional[float] = 100.0, seed: int = 0,
                            b0_tesla: float = 3.0, echo_times_s: Sequence[float] = DEFAULT_ECHO_TIMES_S,
-                           pad_factor: float = 2.0, supersampling: int = PHANTOM_SUPERSAMPLING) -> RealisticPhantom:
+                           pad_factor: float = 2.0,
+                           supersampling: Optional[int] = PHANTOM_SUPERSAMPLING) -> RealisticPhantom:
     """Build the realistic phantom, its multi-echo GRE signal and the local field measured from it.
 
     Args:
@@ -322,10 +329,11 @@ def make_realistic_phantom(shape: Optional[Sequence[int]] = None,
         b0_tesla: field strength (sets the phase per ppm and scales R2*).
         echo_times_s: echo times in seconds (monopolar; at least one).
         pad_factor: zero-padding of the forward model's FFT (2 avoids wrap-around).
-        supersampling: simulation voxels per voxel along each axis (1 to 4; default 2 at every voxel size);
+        supersampling: simulation voxels per voxel along each axis (1 to 4; default and None: 2);
             the signal is averaged over them, so the magnitude shows intravoxel dephasing. 1 point-samples:
             each voxel's signal is that of its centre, with no dephasing (before 2026-12-04 the default below
-            2 mm, which flattered every method there). A 1 mm phantom peaks near 10 GB of memory at 2.
+            2 mm, which flattered every method there). A 1 mm phantom peaks near 9 GB of memory at 2; a
+            simulation grid over 5e7 voxels is warned about.
 
     Returns:
         a :class:`RealisticPhantom`: ``chi_ppm`` and ``field_ppm`` (zero outside ``mask``) on the
@@ -340,6 +348,12 @@ def make_realistic_phantom(shape: Optional[Sequence[int]] = None,
     rng = np.random.default_rng(seed)
     if supersampling is None:  # "the default", never the acquisition's coarser rule that None means below
         supersampling = PHANTOM_SUPERSAMPLING
+    known = isinstance(supersampling, (int, np.integer))  # anything else is refused by build_anatomy
+    fine_voxels = int(np.prod(shape3)) * int(supersampling) ** 3 if known else 0
+    if fine_voxels > LARGE_SIMULATION_VOXELS:
+        log.warning("the realistic phantom's simulation grid has %.0f million voxels: expect about %.0f GB of "
+                    "memory and minutes (supersampling=1 point-samples, with no dephasing)",
+                    fine_voxels / 1e6, fine_voxels * BYTES_PER_SIMULATION_VOXEL / 1e9)
     anatomy = build_anatomy(shape3, vs, rng, supersampling)
     fine, factors, chi, brain = anatomy.grid, anatomy.factors, anatomy.chi, anatomy.brain
     gm, wm, csf, r2s_extra, fractions = anatomy.gm, anatomy.wm, anatomy.csf, anatomy.r2s_extra, anatomy.fractions
