@@ -25,11 +25,10 @@ unless ``b0_dir`` says otherwise (an oblique acquisition is a B0 tilted in the v
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
-
-import logging
 
 import numpy as np
 import scipy.ndimage
@@ -131,10 +130,12 @@ def default_realistic_shape(voxel_size_mm: Sequence[float]) -> Tuple[int, int, i
 
 
 PHANTOM_SUPERSAMPLING = 2
-LARGE_SIMULATION_VOXELS = 50_000_000
-BYTES_PER_SIMULATION_VOXEL = 195  # measured: 9.0 GB peak for the 1 mm phantom's 46 million simulation voxels
 """Simulation voxels per voxel and axis of :func:`make_realistic_phantom`, at every voxel size: averaging the
 complex signal over them gives the magnitude its intravoxel dephasing where chi changes within a voxel."""
+#: A simulation grid larger than this is warned about (the 1 mm phantom's 46 million voxels are not).
+LARGE_SIMULATION_VOXELS = 50_000_000
+#: Peak memory per simulation voxel, measured: 9.0 GB for the 1 mm phantom (the whole head needs more).
+BYTES_PER_SIMULATION_VOXEL = 195
 
 
 def _supersampling(vs: Sequence[float]) -> Tuple[int, int, int]:
@@ -248,6 +249,11 @@ def build_anatomy(shape: Sequence[int], voxel_size_mm: Sequence[float], rng: np.
         raise QSMInputError(f"phantom supersampling must be a whole number from 1 to 4, got {supersampling!r}")
     fine = _FineGrid([n * f for n, f in zip(shape3, factors)], [v / f for v, f in zip(vs, factors)],
                      BRAIN_CENTRE_MNI)
+    fine_voxels = int(np.prod(fine.shape))
+    if fine_voxels > LARGE_SIMULATION_VOXELS:
+        log.warning("the realistic anatomy's simulation grid has %.0f million voxels: expect %.0f GB of memory "
+                    "or more, and minutes (supersampling=1 point-samples, with no dephasing)",
+                    fine_voxels / 1e6, fine_voxels * BYTES_PER_SIMULATION_VOXEL / 1e9)
     t1, gm_map, wm_map, origin = load_mni_maps()
     brain_t1, gm, wm = _sample_mni([(t1 > 0).astype(np.float32), gm_map, wm_map], origin, fine)
     brain = brain_t1 > 0.5
@@ -348,12 +354,6 @@ def make_realistic_phantom(shape: Optional[Sequence[int]] = None,
     rng = np.random.default_rng(seed)
     if supersampling is None:  # "the default", never the acquisition's coarser rule that None means below
         supersampling = PHANTOM_SUPERSAMPLING
-    known = isinstance(supersampling, (int, np.integer))  # anything else is refused by build_anatomy
-    fine_voxels = int(np.prod(shape3)) * int(supersampling) ** 3 if known else 0
-    if fine_voxels > LARGE_SIMULATION_VOXELS:
-        log.warning("the realistic phantom's simulation grid has %.0f million voxels: expect about %.0f GB of "
-                    "memory and minutes (supersampling=1 point-samples, with no dephasing)",
-                    fine_voxels / 1e6, fine_voxels * BYTES_PER_SIMULATION_VOXEL / 1e9)
     anatomy = build_anatomy(shape3, vs, rng, supersampling)
     fine, factors, chi, brain = anatomy.grid, anatomy.factors, anatomy.chi, anatomy.brain
     gm, wm, csf, r2s_extra, fractions = anatomy.gm, anatomy.wm, anatomy.csf, anatomy.r2s_extra, anatomy.fractions
