@@ -70,12 +70,13 @@ def test_default_preset_is_the_measured_hybrid():
     """The choices docs/dip-experiments.md justifies; a change here must come with new figures."""
     s = PRESETS["default"]
     assert s == DIPSettings()
-    assert (s.base, s.input, s.data_loss, s.regulariser, s.reg_weight) == ("tv", "noise", "l2", "none", None)
+    # TV's penalty at the base's chosen alpha when no magnitude is used (half TV's own weight), none with one
+    assert (s.base, s.input, s.data_loss, s.regulariser, s.reg_weight) == ("tv", "noise", "l2", "auto", None)
     assert (s.iterations, s.learning_rate, s.betas, s.width, s.depth) == (200, 2e-3, (0.9, 0.999), 16, 3)
     assert s.decoder == "conv-first"  # the decoder's channel-halving blocks on the coarse grid: 1.45x faster
-    # the returned map is the average of the iterates (EMA 0.9), and the hold-out rule judges that average;
-    # its share is left open: 5 % without a penalty (the default), off under one
-    assert (s.ema, s.holdout_fraction, s.holdout_rise) == (0.9, None, 0.1)
+    # the returned map is the average of the iterates (EMA 0.9), and the hold-out rule (5 %, under the penalty
+    # too) judges that average
+    assert (s.ema, s.holdout_fraction, s.holdout_rise) == (0.9, 0.05, 0.1)
     # with a magnitude: a second input channel and a magnitude^2-weighted data term; the base's weight is chosen
     assert (s.magnitude_input, s.magnitude_weighting, s.base_alpha) == (True, True, None)
     assert PRESETS["fast"] == dataclasses.replace(s, width=8)
@@ -111,7 +112,7 @@ def test_penalty_weights_that_cannot_be_chosen_are_refused():
     ("seed", -1), ("mixed_precision", "yes"), ("max_seconds", 0.0), ("pad_factor", 0.5),
     ("base", "tkd2"), ("base_iterations", 0), ("input_jitter", -1.0), ("ema", 1.0),
     ("input", "base"),  # with the default base replaced by none below
-    ("holdout_fraction", 0.6), ("holdout_fraction", -0.1), ("holdout_rise", 0.0),
+    ("holdout_fraction", 0.6), ("holdout_fraction", -0.1), ("holdout_fraction", None), ("holdout_rise", 0.0),
     ("base_alpha_factor", 0.0), ("base_alpha_factor", float("inf")), ("decoder", "transposed"),
 ])
 def test_invalid_settings_name_the_bad_value(field, value):
@@ -308,23 +309,37 @@ def test_holdout_rule_stops_before_the_noise_is_fitted():
     assert achieved < 1.05 * tv < drifted, f"hold-out {achieved:.1f}%, TV {tv:.1f}%, no rule {drifted:.1f}%"
 
 
-def test_the_tv_penalty_takes_tvs_own_weight_and_auto_leaves_it_out_with_a_magnitude(tiny_case):
-    """Opt-in (``regulariser="auto"`` or ``"tv"``): the weight is TV's chosen alpha in this loss's units (2 alpha),
-    the hold-out is off under a penalty unless set, and "auto" drops the penalty when a magnitude is used."""
+def test_the_tv_penalty_takes_the_bases_alpha_and_auto_leaves_it_out_with_a_magnitude(tiny_case):
+    """By default (``regulariser="auto"``) the penalty's weight is the TV base's chosen alpha, half TV's own weight
+    in this loss's units (2 alpha); it is dropped when a magnitude is used; the hold-out stays on under it."""
     chi, mask, field = tiny_case
     magnitude = np.where(mask, 1.0 + 0.5 * (chi > chi[mask].mean()), 0.0).astype(np.float32)
-    default = solve_dip(field, mask, VOXEL_MM, settings=dip_settings("default", width=4, depth=2, iterations=2,
-                                                                    base_iterations=10), device="cpu").chosen
-    assert (default["regulariser"], default["reg_weight"], default["holdout_fraction"]) == ("none", 0.0, 0.05)
-    settings = dip_settings("default", width=4, depth=2, iterations=3, base_iterations=10, regulariser="auto")
+    settings = dip_settings("default", width=4, depth=2, iterations=3, base_iterations=10)
     with_mag = solve_dip(field, mask, VOXEL_MM, settings=settings, device="cpu", magnitude=magnitude).chosen
     without = solve_dip(field, mask, VOXEL_MM, settings=settings, device="cpu").chosen
     assert (with_mag["regulariser"], with_mag["reg_weight"], with_mag["holdout_fraction"]) == ("none", 0.0, 0.05)
-    assert without["regulariser"] == "tv" and without["holdout_fraction"] == 0.0
-    assert without["reg_weight"] == pytest.approx(2 * without["base_alpha_chosen"])
+    assert without["regulariser"] == "tv" and without["holdout_fraction"] == 0.05
+    assert without["reg_weight"] == pytest.approx(without["base_alpha_chosen"]) and without["reg_weight"] > 0
     given = solve_dip(field, mask, VOXEL_MM, settings=dataclasses.replace(settings, reg_weight=0.5, holdout_fraction=0.1),
                       device="cpu").chosen
     assert (given["regulariser"], given["reg_weight"], given["holdout_fraction"]) == ("tv", 0.5, 0.1)
+    off = solve_dip(field, mask, VOXEL_MM, settings=dataclasses.replace(settings, regulariser="none"), device="cpu").chosen
+    assert (off["regulariser"], off["reg_weight"]) == ("none", 0.0)
+
+
+def test_the_hold_out_rule_still_guards_the_default_penalty_on_noisy_data():
+    """Without a magnitude the default adds TV's penalty; on its own that let a noisy fit drift past TV (SNR 7
+    ellipsoids), so the hold-out rule stays on under it and must stop the fit near TV."""
+    chi, mask, field = ellipsoid_phantom((28, 32, 26), noise_ppm=0.001)
+    tv = nrmse(solve_tv(field, mask, VOXEL_MM, device="cpu").chi_ppm, chi, mask)
+    settings = dip_settings("default", width=8, iterations=100)
+    stopped = solve_dip(field, mask, VOXEL_MM, settings=settings, device="cpu")
+    unchecked = solve_dip(field, mask, VOXEL_MM, settings=dataclasses.replace(settings, holdout_fraction=0.0),
+                          device="cpu")
+    assert stopped.chosen["regulariser"] == unchecked.chosen["regulariser"] == "tv"
+    assert stopped.stop_reason == "holdout" and unchecked.stop_reason == "completed"
+    achieved, drifted = nrmse(stopped.chi_ppm, chi, mask), nrmse(unchecked.chi_ppm, chi, mask)
+    assert achieved < 1.05 * tv < drifted, f"hold-out {achieved:.1f}%, TV {tv:.1f}%, penalty alone {drifted:.1f}%"
 
 
 # -- convergence ------------------------------------------------------------------------------------
