@@ -69,8 +69,8 @@ def _is_number(value: object) -> bool:
 class DIPSettings:
     """Settings of :func:`solve_dip`; every field is checked on construction.
 
-    The defaults are the "default" preset: the network corrects a TV-ADMM estimate under a plain L2
-    data fit (docs/dip-experiments.md says what each choice did to the benchmark figures). The
+    The defaults are the "default" preset: the network corrects a TV-ADMM estimate under an L2 data
+    fit, plus TV's penalty when no magnitude is used (docs/dip-experiments.md says what each choice did to the benchmark figures). The
     original method's settings are the "original" preset.
     """
 
@@ -89,7 +89,8 @@ class DIPSettings:
     #: "laplacian" (26-neighbour, L1) or "tv" (isotropic, per mm). Without the magnitude the network drifts into
     #: the noise late in the fit and the hold-out rule does not always catch it (realistic 2 mm, bf16: 20.70 %
     #: at 200 from 19.9 at 100); under the penalty it keeps improving (19.18 %). With the magnitude the
-    #: penalty cost 0.3 points, so "auto" leaves it out there (docs/dip-experiments.md)
+    #: penalty cost 1.2 points (2 mm: 18.55 against 17.33 %), so "auto" leaves it out there (a magnitude with
+    #: both of its uses switched off counts as none; docs/dip-experiments.md)
     regulariser: str = "auto"
     #: weight of the regulariser (>= 0); None: TV_PENALTY_PER_ALPHA x the TV base's chosen alpha, so it follows
     #: the field's noise (a Laplacian penalty, or TV without the TV base, needs a number)
