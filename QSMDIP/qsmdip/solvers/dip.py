@@ -13,10 +13,11 @@ search chose unless that is the search's smallest (a smoother start, from which 
 and the network, whose last layer starts at zero, learns a correction to it under an L2 data fit (a
 hybrid, model-based DIP): TV supplies a good start within seconds, and the network then restores the
 contrast and the cone-direction detail that TV flattens. Without a magnitude image, TV's penalty at the
-base's chosen weight is added to the loss, which keeps the late fit out of the noise. On the head phantom this halves TV's NRMSE
-(docs/dip-experiments.md). ``base="none"`` is the classical DIP from a random start; the "original" preset is the published method. The field is
-divided by its RMS inside the mask before fitting, so the network's output is of order one whatever the
-field strength, and the result is scaled back to ppm.
+base's chosen weight is added to the loss, which keeps the late fit out of the noise. On the head phantom
+this halves TV's NRMSE (docs/dip-experiments.md). ``base="none"`` is the classical DIP from a random
+start; the "original" preset is the published method. The field is divided by its RMS inside the mask
+before fitting, so the network's output is of order one whatever the field strength, and the result is
+scaled back to ppm.
 
 Reference: Ulyanov, Vedaldi, Lempitsky, "Deep Image Prior", CVPR 2018; the original QSM-DIP settings
 are kept as the "original" preset (see ``PRESETS``).
@@ -70,8 +71,8 @@ class DIPSettings:
     """Settings of :func:`solve_dip`; every field is checked on construction.
 
     The defaults are the "default" preset: the network corrects a TV-ADMM estimate under an L2 data
-    fit, plus TV's penalty when no magnitude is used (docs/dip-experiments.md says what each choice did to the benchmark figures). The
-    original method's settings are the "original" preset.
+    fit, plus TV's penalty when no magnitude is used (docs/dip-experiments.md says what each choice did to
+    the benchmark figures). The original method's settings are the "original" preset.
     """
 
     iterations: int = 200                      #: maximum number of Adam steps (>= 1)
@@ -334,15 +335,15 @@ def _base_estimate(settings: DIPSettings, field32: np.ndarray, mask: np.ndarray,
     return result.chi_ppm, None if alpha is None else float(alpha), cancelled
 
 
-def _penalty(settings: DIPSettings, base_alpha: Optional[float], has_magnitude: bool) -> Tuple[str, float, float]:
-    """The regulariser, its weight and the hold-out share this run uses (what "auto" and None resolve to)."""
+def _penalty(settings: DIPSettings, base_alpha: Optional[float], has_magnitude: bool) -> Tuple[str, float]:
+    """The regulariser and its weight this run uses (what "auto" and a reg_weight of None resolve to)."""
     kind = settings.regulariser
     if kind == "auto":
         kind = "tv" if not has_magnitude and (settings.reg_weight is not None or base_alpha is not None) else "none"
     weight = 0.0
     if kind != "none":
         weight = float(settings.reg_weight) if settings.reg_weight is not None else TV_PENALTY_PER_ALPHA * base_alpha
-    return kind, weight, float(settings.holdout_fraction)
+    return kind, weight
 
 
 def solve_dip(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[float], *,
@@ -390,7 +391,8 @@ def solve_dip(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[f
     maskf = mask_t.float()
     op = DipoleOperator(crop.field_ppm.shape, voxel_size, b0, pad_factor=settings.pad_factor, device=torch_device)
     magnitude_used = magnitude32 is not None and (settings.magnitude_input or settings.magnitude_weighting)
-    reg_kind, reg_weight, holdout_fraction = _penalty(settings, base_alpha, magnitude_used)
+    reg_kind, reg_weight = _penalty(settings, base_alpha, magnitude_used)
+    holdout_fraction = float(settings.holdout_fraction)
     chosen = {"regulariser": reg_kind, "reg_weight": reg_weight, "holdout_fraction": holdout_fraction}
     if base_alpha is not None:
         chosen["base_alpha_chosen"] = base_alpha
