@@ -77,7 +77,7 @@ def run(acq, source: str, methods, out=print) -> list:
         t = time.perf_counter()
         if name.startswith("ss"):  # ss<r>: data and result in the mask eroded by r mm; ss<r>@<q>: result eroded by q
             radius, _, out_radius = name[2:].partition("@")
-            ss = single_step_tv(total, mask, acq.voxel_size_mm, b0_dir=acq.b0_dir, radius_mm=float(radius),
+            ss = single_step_tv(total, mask, acq.voxel_size_mm, b0_dir=acq.b0_dir, radii_mm=(float(radius),),
                                 output_radius_mm=float(out_radius) if out_radius else None)
             bfr_s, local_err, returned, chi = math.nan, math.nan, ss.mask, ss.chi_ppm
             qsm_s = time.perf_counter() - t

@@ -8,7 +8,7 @@ chain with each background method, and reports per stage the seconds, and at the
   (``true_local_field``);
 - the share of the true brain the returned mask keeps;
 - optionally (``--qsm``) the TV map from that local field and TV on the true local field in the same mask,
-  and single-step TV (l1 data term, ``--single-step-radius``) from the chain's total field, chi on its whole mask,
+  and single-step TV (l1 data term, ``--single-step-radii``) from the chain's total field, chi on its whole mask,
   each scored against the true chi in that mask.
 
     python benchmarks/phase_pipeline.py --voxels 2 --tilts 0,20 --qsm --out docs/results/phase-pipeline-2mm
@@ -46,7 +46,7 @@ def tilted(degrees: float):
     return (0.0, math.sin(t), math.cos(t))
 
 
-def run_case(voxel: float, tilt: float, snr: float, with_qsm: bool, single_step_radius: float = 6.0) -> dict:
+def run_case(voxel: float, tilt: float, snr: float, with_qsm: bool, single_step_radii=None) -> dict:
     started = time.perf_counter()
     acq = make_realistic_acquisition(voxel_size_mm=(voxel,) * 3, b0_dir=tilted(tilt), snr=snr)
     case = {"voxel_mm": voxel, "tilt_deg": tilt, "snr": snr, "shape": list(acq.shape),
@@ -80,7 +80,7 @@ def run_case(voxel: float, tilt: float, snr: float, with_qsm: bool, single_step_
             # single-step TV (l1) from the same total field and mask, chi kept on the whole mask
             started = time.perf_counter()
             single = single_step_tv(result.total_field_ppm, result.field_mask, acq.voxel_size_mm, b0_dir=acq.b0_dir,
-                                    radius_mm=single_step_radius, output_radius_mm=0.0).chi_ppm
+                                    radii_mm=single_step_radii, output_radius_mm=0.0).chi_ppm
             row["single_step_s"] = round(time.perf_counter() - started, 1)
             row["qsm_single_step"] = {k: round(v, 3) for k, v in all_metrics(single, acq.chi_ppm, evaluate).items() if k in pick}
             row["qsm_single_step_ratio"] = round(row["qsm_single_step"]["nrmse"] / row["qsm_on_true_local"]["nrmse"], 2)
@@ -98,11 +98,13 @@ def main() -> int:
     parser.add_argument("--tilts", default="0,20", help="B0 tilts in degrees, comma-separated")
     parser.add_argument("--snr", type=float, default=100.0)
     parser.add_argument("--qsm", action="store_true", help="also invert with TV (slow at 1 mm)")
-    parser.add_argument("--single-step-radius", type=float, default=6.0,
-                        help="SMV radius (mm) of the single-step TV rows that --qsm adds")
+    parser.add_argument("--single-step-radii", default=None,
+                        help="SMV radii (mm, comma-separated) of the single-step TV rows that --qsm adds; "
+                             "default: the solver's")
     parser.add_argument("--out", default=None, help="write OUT.json")
     args = parser.parse_args()
-    cases = [run_case(float(v), float(t), args.snr, args.qsm, args.single_step_radius)
+    radii = None if args.single_step_radii is None else tuple(float(r) for r in args.single_step_radii.split(","))
+    cases = [run_case(float(v), float(t), args.snr, args.qsm, radii)
              for v in args.voxels.split(",") for t in args.tilts.split(",")]
     if args.out:
         Path(args.out).with_suffix(".json").write_text(json.dumps(cases, indent=1))

@@ -265,7 +265,7 @@ def test_single_step_tv_inverts_the_total_field():
     case = _case("analytic", vs, SUPERIOR)
     chi_true = make_head_phantom(None, vs).chi_ppm
     alpha = 0.01  # fixed for speed (the cross-validated weights are close)
-    result = single_step_tv(case.total, case.mask, vs, b0_dir=case.b0_dir, radius_mm=8.0, alpha=alpha)
+    result = single_step_tv(case.total, case.mask, vs, b0_dir=case.b0_dir, radii_mm=(8.0,), alpha=alpha)
     assert np.all(result.chi_ppm[~result.mask] == 0.0) and not np.any(result.mask & ~case.mask)
     reference = get_solver("tv")(np.where(result.mask, case.truth, 0.0), result.mask, vs, b0_dir=case.b0_dir,
                                  settings=TVSettings(alpha=alpha)).chi_ppm
@@ -281,9 +281,9 @@ def test_single_step_tv_can_return_chi_on_the_whole_mask():
     vs = (4.0, 4.0, 4.0)
     case = _case("analytic", vs, SUPERIOR)
     chi_true = make_head_phantom(None, vs).chi_ppm
-    whole = single_step_tv(case.total, case.mask, vs, b0_dir=case.b0_dir, radius_mm=8.0, alpha=0.01,
+    whole = single_step_tv(case.total, case.mask, vs, b0_dir=case.b0_dir, radii_mm=(8.0,), alpha=0.01,
                            output_radius_mm=0.0)
-    inner = single_step_tv(case.total, case.mask, vs, b0_dir=case.b0_dir, radius_mm=8.0, alpha=0.01)
+    inner = single_step_tv(case.total, case.mask, vs, b0_dir=case.b0_dir, radii_mm=(8.0,), alpha=0.01)
     np.testing.assert_array_equal(whole.mask, case.mask > 0.5)
     assert whole.eroded_voxels == 0 and inner.eroded_voxels > 0
     np.testing.assert_allclose(whole.chi_ppm[inner.mask], inner.chi_ppm[inner.mask], rtol=1e-5, atol=1e-7)

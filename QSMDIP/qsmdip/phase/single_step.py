@@ -9,7 +9,7 @@ Arrays are [i, j, k]; fields and chi in ppm; lengths in mm.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -23,7 +23,7 @@ class SingleStepResult:
     """Susceptibility from the total field, and the mask it is valid in."""
 
     chi_ppm: np.ndarray          #: float32 [i, j, k], 0 outside ``mask``
-    mask: np.ndarray             #: bool: the input mask eroded by ``output_radius_mm`` (default: the SMV radius)
+    mask: np.ndarray             #: bool: the input mask eroded by ``output_radius_mm`` (default: the smallest SMV radius)
     eroded_voxels: int           #: voxels of the input mask dropped
     alpha: float                 #: the TV weight used (relative to the high-passed field's RMS)
     iterations: int
@@ -31,30 +31,35 @@ class SingleStepResult:
 
 
 def single_step_tv(total_field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[float], *,
-                   b0_dir: Sequence[float] = SUPERIOR, radius_mm: float = 4.0,
+                   b0_dir: Sequence[float] = SUPERIOR, radii_mm: Optional[Sequence[float]] = None,
                    output_radius_mm: Optional[float] = None,
                    alpha: Optional[float] = None, iterations: int = SingleStepSettings.iterations,
                    tolerance: float = SingleStepSettings.tolerance,
                    data_term: str = SingleStepSettings.data_term) -> SingleStepResult:
-    """chi (ppm) from the total field (ppm) in ``mask``: SMV high-pass of radius ``radius_mm`` + filtered TV.
+    """chi (ppm) from the total field (ppm) in ``mask``: SMV high-passes of ``radii_mm`` + filtered TV.
 
-    ``alpha`` None chooses the TV weight by hold-out cross-validation. The data term covers the mask eroded by
-    ``radius_mm``; chi is returned in the mask eroded by ``output_radius_mm`` (None: ``radius_mm``; 0: the
-    whole input mask), whose rim chi is fitted through its field inside (less exact). ``data_term``: see
+    ``radii_mm`` None takes the solver's default radii; ``alpha`` None chooses the TV weight by hold-out
+    cross-validation. The data term covers the mask eroded by the smallest radius; chi is returned in the mask
+    eroded by ``output_radius_mm`` (None: the smallest radius; 0: the whole input mask), whose rim chi is
+    fitted through its field inside (less exact). ``data_term``: see
     :class:`qsmdip.solvers.single_step.SingleStepSettings`.
     """
-    out = radius_mm if output_radius_mm is None else output_radius_mm
-    settings = SingleStepSettings(radius_mm=radius_mm, output_radius_mm=out, alpha=alpha, iterations=iterations,
-                                  tolerance=tolerance, data_term=data_term)
-    result = solve_single_step_tv(total_field_ppm, mask, voxel_size_mm, b0_dir=b0_dir, settings=settings,
-                                  device="cpu")
+    vs = check_voxel_size(voxel_size_mm)
+    settings = SingleStepSettings(radii_mm=None if radii_mm is None else tuple(radii_mm), alpha=alpha,
+                                  iterations=iterations, tolerance=tolerance, data_term=data_term)
+    radii = settings.radii_for(vs)
+    out = radii[0] if output_radius_mm is None else output_radius_mm
+    settings = replace(settings, output_radius_mm=out)
+    result = solve_single_step_tv(total_field_ppm, mask, vs, b0_dir=b0_dir, settings=settings, device="cpu")
     m = np.asarray(mask) > 0.5
-    keep = m if out == 0 else smv_valid_mask(m, check_voxel_size(voxel_size_mm), float(out))
+    keep = m if out == 0 else smv_valid_mask(m, vs, float(out))
     chosen = result.chosen
     n_in = int(m.sum())
     valid_eroded = n_in - int(chosen["valid_voxels"])
-    notes = [f"SMV high-pass of radius {radius_mm:g} mm: data term on the mask eroded by {valid_eroded} of {n_in} "
-             f"voxels ({100.0 * valid_eroded / n_in:.1f} %); chi returned on the mask eroded by {out:g} mm",
+    used = ", ".join(f"{r:g}" for r in chosen["radii_mm"])
+    notes = [f"SMV high-pass of radii {used} mm (each voxel the largest that fits): data term on the mask eroded "
+             f"by {valid_eroded} of {n_in} voxels ({100.0 * valid_eroded / n_in:.1f} %); chi returned on the mask "
+             f"eroded by {out:g} mm",
              f"single-step TV ({data_term} data term): weight {chosen['alpha']:.3g} (relative to the high-passed "
              f"field's RMS, {'cross-validated' if alpha is None else 'given'}), {result.iterations} ADMM iterations"]
     return SingleStepResult(chi_ppm=result.chi_ppm, mask=keep, eroded_voxels=int(chosen["eroded_voxels"]),

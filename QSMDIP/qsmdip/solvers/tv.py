@@ -209,24 +209,35 @@ class _TVProblem:
         need). Returns (iterations done, stop reason or None, chi on the box, D chi on the padded grid).
         ``data_term`` "l1" fits sum(weight |D chi - f|) instead of 0.5 sum((weight (D chi - f))^2): the split
         variable's update is then a soft threshold of the residual (weight / mu2), not a weighted mean.
+
+        The data term may be a stack: ``kernel`` (R, ...) with ``field_pad`` and ``weight`` (R, ...) fits
+        the sum of R terms, each with its own kernel, field and mask (multi-radius single-step TV); then
+        ``state.v``, ``state.u`` and the returned D chi are stacks too. The stack is walked one term at a
+        time, which keeps each pass over the grid in cache (twice as fast as batched on 2 cores).
         """
         l1 = data_term == "l1"
         if state.mu1 != mu1:  # scaled duals are duals / mu1: rescale when the penalty changes
             state.s.mul_(state.mu1 / mu1)
             state.mu1 = mu1
+        stacked = self.kernel.dim() == 4
+        kernels = self.kernel if stacked else self.kernel[None]
+        fields = self.field_pad if stacked else self.field_pad[None]
+        weights = weight if stacked else weight[None]
         voxel = self.voxel_size_mm
-        inverse = 1.0 / (mu1 * self.grad_sq + mu2 * self.kernel ** 2)
+        inverse = 1.0 / (mu1 * self.grad_sq + mu2 * torch.sum(kernels ** 2, dim=0))
         inverse[0, 0, 0] = 0.0  # both terms vanish at k = 0: the mean is left at 0
-        weighted_field = weight * self.field_pad
-        chi = d_chi = None
+        weighted_fields = None if l1 else weights * fields
+        chi = None
+        d_chis = torch.zeros_like(fields)
         reason = None
         iteration = 0
         for iteration in range(1, iterations + 1):
-            numerator = (mu1 * torch.fft.rfftn(_gradient_adjoint(state.z - state.s, voxel), s=self.size, dim=_DIMS)
-                         + mu2 * self.kernel * torch.fft.rfftn(state.v - state.u, s=self.size, dim=_DIMS))
+            v_terms, u_terms = (state.v, state.u) if stacked else (state.v[None], state.u[None])
+            numerator = mu1 * torch.fft.rfftn(_gradient_adjoint(state.z - state.s, voxel), s=self.size, dim=_DIMS)
+            for term, kernel in enumerate(kernels):
+                numerator += mu2 * kernel * torch.fft.rfftn(v_terms[term] - u_terms[term], s=self.size, dim=_DIMS)
             chi_spec = numerator * inverse
             chi = torch.fft.irfftn(chi_spec, s=self.size, dim=_DIMS)
-            d_chi = torch.fft.irfftn(self.kernel * chi_spec, s=self.size, dim=_DIMS)
 
             grad = _gradient(chi, voxel)
             shifted = grad + state.s
@@ -234,23 +245,27 @@ class _TVProblem:
             state.z = shifted * torch.clamp(1.0 - (alpha / mu1) / torch.clamp(norm, min=1e-12), min=0.0)
             state.s = shifted - state.z
 
-            target = d_chi + state.u
-            if l1:  # where weight is 0 the threshold is 0 and v = target, as in the l2 update
-                residual = target - self.field_pad
-                state.v = self.field_pad + torch.sign(residual) * torch.clamp(residual.abs() - weight / mu2, min=0.0)
-            else:
-                state.v = (weighted_field + mu2 * target) / (weight + mu2)
-            state.u = target - state.v
+            for term, kernel in enumerate(kernels):
+                d_chis[term] = torch.fft.irfftn(kernel * chi_spec, s=self.size, dim=_DIMS)
+                target = d_chis[term] + u_terms[term]
+                if l1:  # where weight is 0 the threshold is 0 and v = target, as in the l2 update
+                    residual = target - fields[term]
+                    shrunk = torch.clamp(residual.abs() - weights[term] / mu2, min=0.0)
+                    v_terms[term] = fields[term] + torch.sign(residual) * shrunk
+                else:
+                    v_terms[term] = (weighted_fields[term] + mu2 * target) / (weights[term] + mu2)
+                u_terms[term] = target - v_terms[term]
             if on_iteration is not None:
                 loss = math.nan
                 if track_loss:
                     tv_norm = torch.sum(torch.sqrt(torch.sum(grad ** 2, dim=0)))
-                    misfit = weight * (d_chi - self.field_pad)
+                    misfit = weights * (d_chis - fields)
                     data = torch.sum(misfit.abs()) if l1 else 0.5 * torch.sum(misfit ** 2)
                     loss = float(data + alpha * tv_norm)
                 reason = on_iteration(iteration, loss, chi[self.box] * self.mask_box)
                 if reason is not None:
                     break
+        d_chi = d_chis if stacked else d_chis[0]
         return iteration, reason, chi[self.box] * self.mask_box, d_chi
 
 
@@ -277,7 +292,7 @@ def choose_alpha(problem: _TVProblem, settings: TVSettings, device: torch.device
     pick = torch.rand(tuple(problem.mask_box.shape), generator=generator).to(device) < settings.holdout_fraction
     held_box = (pick & (problem.mask_box > 0)).float()
     held, _ = _pad_pair(held_box, held_box, problem.size)
-    fit_weight = problem.mask_pad - held
+    fit_weight = problem.mask_pad * (1.0 - held)  # (a stacked data term's masks each lose the held voxels)
     n_held = float(held.sum())
     grid = list(settings.alpha_grid)
     if n_held < 64 or len(grid) == 1:
@@ -301,7 +316,7 @@ def choose_alpha(problem: _TVProblem, settings: TVSettings, device: torch.device
         _, _, chi_box, d_chi = problem.run(state, alpha, settings.gradient_penalty(alpha), float(settings.mu2),
                                             budget, fit_weight, until_converged, track_loss=False,
                                             data_term=settings.data_term)
-        residual = held * (d_chi - problem.field_pad)
+        residual = held * problem.mask_pad * (d_chi - problem.field_pad)
         score = float(torch.sum(residual.abs() if settings.data_term == "l1" else residual ** 2) / n_held)
         scores.append(score)
         if on_candidate is not None:
