@@ -291,6 +291,53 @@ def test_single_step_tv_can_return_chi_on_the_whole_mask():
     assert nrmse(whole.chi_ppm, chi_true, rim) < 90.0  # measured 75.8 (the inner map: 5.8)
 
 
+def test_single_step_radii_partition_the_valid_mask():
+    """Each voxel of the data term is fitted through exactly one radius: the largest whose ball fits around it."""
+    import torch
+    from qsmdip.solvers.single_step import _stack_radii, smv_valid_mask
+    from qsmdip.solvers.tv import _TVProblem
+
+    vs = (2.0, 2.0, 2.0)
+    mask = np.zeros((30, 30, 30), bool)
+    mask[2:28, 2:28, 2:28] = True
+    radii = (3.0, 6.0, 12.0)
+    valids = [smv_valid_mask(mask, vs, r) for r in radii]
+    problem = _TVProblem(np.zeros(mask.shape, np.float32), valids[0], vs, SUPERIOR, 1.5, torch.device("cpu"))
+    _stack_radii(problem, [np.full(mask.shape, float(i + 1), np.float32) for i in range(3)], valids, radii, vs)
+    n0, n1, n2 = mask.shape
+    shells = problem.mask_pad[:, :n0, :n1, :n2].numpy() > 0
+    assert problem.kernel.shape[0] == problem.field_pad.shape[0] == 3
+    np.testing.assert_array_equal(shells.sum(axis=0), valids[0])          # a partition of the valid mask
+    assert shells[2].any() and np.array_equal(shells[2], valids[2])       # the deepest voxels: the largest ball
+    np.testing.assert_array_equal(shells[1], valids[1] & ~valids[2])
+    assert shells[0].any() and not np.any(shells[0] & valids[1])          # the rim: the smallest ball only
+
+
+def test_several_radii_beat_each_radius_alone_from_phase():
+    """On a simulated 3 mm acquisition (realistic head, air cavity, noise), through the phase pipeline, the
+    default radii fit the total field better than any one of them: the small ball keeps the edge, the large
+    one the local field's low frequencies inside."""
+    pytest.importorskip("nilearn")
+    from qsmdip.phase.pipeline import phase_to_local_field
+    from qsmdip.realistic_acquisition import make_realistic_acquisition
+    from qsmdip.solvers.single_step import SingleStepSettings
+
+    acq = make_realistic_acquisition(voxel_size_mm=(3.0, 3.0, 3.0), snr=100.0, seed=2)
+    pipe = phase_to_local_field(acq.phase_rad, acq.magnitude, acq.echo_times_s, acq.b0_tesla, acq.voxel_size_mm,
+                                b0_dir=acq.b0_dir)
+    radii = SingleStepSettings().radii_for(acq.voxel_size_mm)
+    assert radii == (4.5, 6.0, 12.0)   # 3 mm raised to 1.5 voxels
+
+    def error(radii_mm):
+        chi = single_step_tv(pipe.total_field_ppm, pipe.field_mask, acq.voxel_size_mm, b0_dir=acq.b0_dir,
+                             radii_mm=radii_mm, alpha=0.071, output_radius_mm=0.0).chi_ppm
+        return nrmse(chi, acq.chi_ppm, pipe.mask)
+
+    together, alone = error(radii), [error((r,)) for r in radii]
+    # measured 39.6 % against 42.7, 41.0 and 45.0
+    assert together < 0.98 * min(alone), (together, alone)
+
+
 def test_smv_and_single_step_refuse_bad_radii():
     mask = np.zeros((20, 20, 20), bool)
     mask[4:16, 4:16, 4:16] = True
@@ -299,6 +346,12 @@ def test_smv_and_single_step_refuse_bad_radii():
             remove_background_smv(np.zeros(mask.shape), mask, (2.0, 2.0, 2.0), radius_mm=radius)
     with pytest.raises(QSMInputError, match="iterations"):
         single_step_tv(np.zeros(mask.shape), mask, (2.0, 2.0, 2.0), iterations=0)
+    with pytest.raises(QSMInputError, match="at least the finest voxel side"):
+        single_step_tv(np.zeros(mask.shape), mask, (2.0, 2.0, 2.0), radii_mm=(1.0, 4.0))
+    # a ball that fits nowhere in this small mask is left out; the others still run
+    fitted = single_step_tv(np.zeros(mask.shape), mask, (2.0, 2.0, 2.0), radii_mm=(2.0, 30.0), alpha=0.01,
+                            iterations=2)
+    assert "radii 2 mm" in fitted.notes[0]
 
 
 # --------------------------------------------------------------------------------------- bad input

@@ -23,7 +23,7 @@ class SingleStepResult:
     """Susceptibility from the total field, and the mask it is valid in."""
 
     chi_ppm: np.ndarray          #: float32 [i, j, k], 0 outside ``mask``
-    mask: np.ndarray             #: bool: the input mask eroded by ``output_radius_mm`` (default: the smallest SMV radius)
+    mask: np.ndarray             #: bool: the input mask eroded by ``output_radius_mm`` (default: smallest radius)
     eroded_voxels: int           #: voxels of the input mask dropped
     alpha: float                 #: the TV weight used (relative to the high-passed field's RMS)
     iterations: int

@@ -9,7 +9,7 @@ r -> one voxel limit). The input may be a **total** field (``qsmdip reconstruct 
 single-step-tv`` hands it the pipeline's total field) or a local one (the high-pass removes nothing of
 the background that is not there).
 
-**Several radii** (the default, 2, 4, 8 and 12 mm): as in V-SHARP, each voxel is fitted through the high-pass
+**Several radii** (the default, 3, 6 and 12 mm): as in V-SHARP, each voxel is fitted through the high-pass
 of the largest ball that fits around it, so the data term is a sum of one term per radius over the shells
 ``V_r minus V_next``. A small ball alone keeps the edge but removes the low frequencies of the local field
 everywhere; a large one alone keeps them but loses the edge. Unlike V-SHARP nothing is deconvolved: each
@@ -45,10 +45,14 @@ from .tv import DATA_TERMS, TVSettings, _TVProblem, _check_callback_every, _pad_
 
 
 #: SMV radii (mm) of the default multi-radius data term: each voxel is fitted through the high-pass of the
-#: largest ball that fits around it in the mask. Picked on the realistic 2 mm head from phase, axial
-#: (``docs/phase-pipeline.md``): one radius of 6 mm 33.9 %, (2, 6, 12) 29.1 %, (2, 4, 8, 12) 28.7 %,
-#: (2, 4, 6, 9, 12) 28.6 % at 1.3x the time of (2, 4, 8, 12).
-DEFAULT_RADII_MM = (2.0, 4.0, 8.0, 12.0)
+#: largest ball that fits around it in the mask. Picked on the realistic 2 mm head from phase, axial, at a
+#: fixed weight (``docs/phase-pipeline.md``): one radius of 6 mm 33.9 % NRMSE, (2, 6, 12) 29.1 %,
+#: (2, 4, 8, 12) 28.7 %, (3, 4, 8, 12) 28.5 %, **(3, 6, 12) 28.4 %** (and the fastest of the several-radii).
+DEFAULT_RADII_MM = (3.0, 6.0, 12.0)
+#: The default radii are raised to at least this many coarsest voxel sides: a ball of one voxel's radius (7
+#: voxels) is a noisy high-pass. On the 4 mm head (4, 8, 12) gave 48.3 % where (6, 12) gave 46.3; on the 3 mm
+#: head (3, 4, 8, 12) 41.0 % and (4.5, 8, 12) 39.3.
+MIN_RADIUS_VOXELS = 1.5
 
 
 @dataclass
@@ -57,7 +61,7 @@ class SingleStepSettings:
 
     Attributes:
         radii_mm: SMV radii (mm, each at least the finest voxel side), or None for
-            :data:`DEFAULT_RADII_MM` with those under the coarsest voxel side raised to it. Each voxel's
+            :data:`DEFAULT_RADII_MM`, raised to at least :data:`MIN_RADIUS_VOXELS` coarsest voxel sides. Each voxel's
             data term uses the largest ball that fits around it in the mask (as V-SHARP does), so the
             interior keeps the low frequencies a large ball leaves while the edge is still fitted. One
             radius is the classic single-step TV (a number is taken as one radius).
@@ -101,11 +105,11 @@ class SingleStepSettings:
 
     def radii_for(self, voxel_size_mm: Sequence[float]) -> Tuple[float, ...]:
         """The radii (mm, increasing) on this voxel grid: the given ones, or the defaults raised to at least
-        the coarsest voxel side."""
+        :data:`MIN_RADIUS_VOXELS` coarsest voxel sides."""
         if self.radii_mm is not None:
             return tuple(self.radii_mm)
-        coarsest = max(check_voxel_size(voxel_size_mm))
-        return tuple(sorted({max(r, coarsest) for r in DEFAULT_RADII_MM}))
+        smallest = MIN_RADIUS_VOXELS * max(check_voxel_size(voxel_size_mm))
+        return tuple(sorted({max(r, smallest) for r in DEFAULT_RADII_MM}))
 
     def tv_settings(self) -> TVSettings:
         return TVSettings(alpha=self.alpha, iterations=int(self.iterations), tolerance=float(self.tolerance),
