@@ -271,7 +271,8 @@ def test_single_step_tv_from_the_phase_inverts_the_total_field(sets, tmp_path, c
     mask = qio.read_volume(kept_mask).array > 0.5
     ours, tv_error = nrmse(chi, acq.chi_ppm, mask), nrmse(qio.read_volume(tv_map).array, acq.chi_ppm, mask)
     assert np.count_nonzero(chi[mask]) > 0.99 * mask.sum()  # chi on the whole mask, the rim included
-    assert ours < 0.9 * tv_error, (ours, tv_error)  # measured 47.0 against 55.2 % (4 mm, SNR 100)
+    # measured 45.5 against 55.2 % (4 mm, SNR 100; radii 6 and 12 mm. One 6 mm radius: 47.0)
+    assert ours < 0.9 * tv_error, (ours, tv_error)
 
 
 def test_reconstruct_from_the_phase_gives_the_root_sum_of_squares_as_the_prior(sets, tmp_path, capsys):

@@ -20,9 +20,9 @@ The data term is l1 by default (``TVSettings.data_term``): the high-pass spreads
 chosen by the same hold-out rule as TV, on the high-passed field. chi is returned on the input mask eroded by
 ``output_radius_mm`` (0, the default: the whole mask; the rim's chi is fitted through its field inside).
 
-Measured (``docs/phase-pipeline.md``, realistic 2 mm head from phase, SNR 100, on the pipeline's mask): one
-6 mm radius 34.0 % NRMSE axial and 34.6 % at 20 degrees, against 52.0 and 48.7 % for TV after PDF; the
-default radii MULTI_RADIUS_FIGURES.
+Measured (``docs/phase-pipeline.md``, realistic head from phase, SNR 100, on the pipeline's mask): at 2 mm the
+default radii give 28.7 % NRMSE axial and 28.6 % at 20 degrees (one 6 mm radius: 34.0 and 34.6 %; TV after PDF:
+52.0 and 48.7 %), at 1 mm 22.7 % (one radius: 28.6 %).
 
 Arrays are [i, j, k]; fields and chi in ppm; lengths in mm.
 """
