@@ -69,7 +69,7 @@ def main(argv=None) -> None:
 
     # 2. where the error is
     high = remove_background_smv(np.where(field_mask, pipe.total_field_ppm - acq.total_field_ppm, 0.0),
-                                 field_mask, vs, b0_dir=b0, radii_mm=(4.0,))
+                                 field_mask, vs, b0_dir=b0, radius_mm=4.0)
     inner = high.local_field_ppm[high.mask]
     big = np.abs(inner) > 0.004
     print(f"error after a 4 mm high-pass: {1000 * _rms(inner):.2f} ppb RMS; {int(big.sum())} voxels "

@@ -45,7 +45,7 @@ def single_step_tv(total_field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm:
     :class:`qsmdip.solvers.single_step.SingleStepSettings`.
     """
     vs = check_voxel_size(voxel_size_mm)
-    settings = SingleStepSettings(radii_mm=None if radii_mm is None else tuple(radii_mm), alpha=alpha,
+    settings = SingleStepSettings(radii_mm=None if radii_mm is None else tuple(np.ravel(radii_mm)), alpha=alpha,
                                   iterations=iterations, tolerance=tolerance, data_term=data_term)
     radii = settings.radii_for(vs)
     out = radii[0] if output_radius_mm is None else output_radius_mm

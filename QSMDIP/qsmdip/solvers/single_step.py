@@ -50,8 +50,9 @@ from .tv import DATA_TERMS, TVSettings, _TVProblem, _check_callback_every, _pad_
 #: (2, 4, 8, 12) 28.7 %, (3, 4, 8, 12) 28.5 %, **(3, 6, 12) 28.4 %** (and the fastest of the several-radii).
 DEFAULT_RADII_MM = (3.0, 6.0, 12.0)
 #: The default radii are raised to at least this many coarsest voxel sides: a ball of one voxel's radius (7
-#: voxels) is a noisy high-pass. On the 4 mm head (4, 8, 12) gave 48.3 % where (6, 12) gave 46.3; on the 3 mm
-#: head (3, 4, 8, 12) 41.0 % and (4.5, 8, 12) 39.3.
+#: voxels) is a noisy high-pass. On the 4 mm head (4, 8, 12) gave 48.3 % where (6, 12) gave 46.3 (one 6 mm
+#: radius 46.0); on the 3 mm head (3, 4, 8, 12) 41.0 % and (4.5, 6, 12) 39.9 (one 6 mm radius 41.1;
+#: ``docs/results/single-step-radii-3mm-4mm.log``).
 MIN_RADIUS_VOXELS = 1.5
 
 
@@ -64,7 +65,7 @@ class SingleStepSettings:
             :data:`DEFAULT_RADII_MM`, raised to at least :data:`MIN_RADIUS_VOXELS` coarsest voxel sides. Each voxel's
             data term uses the largest ball that fits around it in the mask (as V-SHARP does), so the
             interior keeps the low frequencies a large ball leaves while the edge is still fitted. One
-            radius is the classic single-step TV (a number is taken as one radius).
+            radius is the classic single-step TV.
         output_radius_mm: chi is returned in the mask eroded by this (mm; 0 = the whole mask, at most the
             largest radius).
         alpha: TV weight relative to the high-passed field's RMS, or None to choose it by hold-out.
@@ -195,6 +196,9 @@ def solve_single_step_tv(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm:
     high, valid = highs[0], valids[0]   # the smallest ball fits wherever any does
     output_radius = float(settings.output_radius_mm)
     keep = mask_bool if output_radius == 0 else smv_valid_mask(mask_bool, vs, output_radius)
+    if not keep.any():
+        raise QSMInputError(f"the mask is too small for an output_radius_mm of {output_radius:g} mm: no voxel is "
+                            f"that far from its edge")
     # the box reaches the largest radius beyond the valid mask, to the input mask's edge where chi is returned
     crop = crop_to_mask(high, valid, margin=2 + int(math.ceil(max(max(radii) / v for v in vs))))
     scale = crop.field_scale()
