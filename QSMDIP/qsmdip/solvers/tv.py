@@ -224,7 +224,8 @@ class _TVProblem:
         fields = self.field_pad if stacked else self.field_pad[None]
         weights = weight if stacked else weight[None]
         if weights.shape != fields.shape:
-            raise ValueError(f"data weight {tuple(weight.shape)} does not match the field {tuple(self.field_pad.shape)}")
+            raise ValueError(f"data weight {tuple(weight.shape)} does not match the field "
+                             f"{tuple(self.field_pad.shape)}")
         voxel = self.voxel_size_mm
         inverse = 1.0 / (mu1 * self.grad_sq + mu2 * torch.sum(kernels ** 2, dim=0))
         inverse[0, 0, 0] = 0.0  # both terms vanish at k = 0: the mean is left at 0
