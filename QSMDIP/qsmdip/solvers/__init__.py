@@ -22,7 +22,7 @@ _REGISTRY = {
 }
 METHODS = tuple(_REGISTRY)
 #: the default method for a local field, and from the phase: single-step TV inverts the total field, which
-#: measured better than any method on PDF's local field (realistic 2 mm head: 28.7 % NRMSE with its default
+#: measured better than any method on PDF's local field (realistic 2 mm head: 28.5 % NRMSE with its default
 #: radii, 34.3 % with one, against 52.0 % for TV and 60.1 % for DIP with the magnitude; docs/phase-pipeline.md)
 DEFAULT_METHOD = "dip"
 DEFAULT_METHOD_FROM_PHASE = "single-step-tv"

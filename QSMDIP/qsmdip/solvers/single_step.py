@@ -21,8 +21,8 @@ chosen by the same hold-out rule as TV, on the high-passed field. chi is returne
 ``output_radius_mm`` (0, the default: the whole mask; the rim's chi is fitted through its field inside).
 
 Measured (``docs/phase-pipeline.md``, realistic head from phase, SNR 100, on the pipeline's mask): at 2 mm the
-default radii give 28.7 % NRMSE axial and 28.6 % at 20 degrees (one 6 mm radius: 34.0 and 34.6 %; TV after PDF:
-52.0 and 48.7 %), at 1 mm 22.7 % (one radius: 28.6 %).
+default radii give 28.5 % NRMSE axial and 28.7 % at 20 degrees (one 6 mm radius: 34.0 and 34.6 %; TV after PDF:
+52.0 and 48.7 %), at 1 mm 22.6 % (one radius: 28.6 %).
 
 Arrays are [i, j, k]; fields and chi in ppm; lengths in mm.
 """
@@ -200,7 +200,7 @@ def solve_single_step_tv(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm:
         raise QSMInputError(f"the mask is too small for an output_radius_mm of {output_radius:g} mm: no voxel is "
                             f"that far from its edge")
     # the box reaches the smallest radius beyond the valid mask, to the input mask's edge where chi is returned
-    # (a margin of the largest radius gave the same maps, 1.3-1.7x slower: docs/phase-pipeline.md)
+    # (a margin of the largest radius gave the same maps, 1.2-1.4x slower: docs/phase-pipeline.md)
     crop = crop_to_mask(high, valid, margin=2 + int(math.ceil(max(radii[0] / v for v in vs))))
     scale = crop.field_scale()
     cpu = torch.device("cpu")
