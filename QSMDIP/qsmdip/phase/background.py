@@ -33,7 +33,7 @@ import scipy.ndimage
 from ..errors import QSMInputError
 from ..geometry import SUPERIOR, check_voxel_size, unit_vector
 from ..kernel import dipole_kernel, padded_shape, smv_spectrum
-from ..solvers.single_step import smv_high_pass
+from ..solvers.single_step import mask_depth_mm, smv_high_pass
 
 Box = Tuple[Tuple[int, int, int], Tuple[int, int, int]]
 
@@ -234,9 +234,9 @@ def remove_background_vsharp(total_field_ppm: np.ndarray, mask: np.ndarray, voxe
         raise QSMInputError(f"V-SHARP's smallest radius {radii[-1]:g} mm is below the finest voxel side "
                             f"{min(vs):g} mm: its ball would hold no neighbour")
     box = _grown_box(m, (0, 0, 0))
-    f_box, m_box = _extract(f, box), _extract(m, box)
+    f_box = _extract(f, box)
     # Distance (mm) from each voxel to the nearest voxel outside the mask; the box's border counts as outside.
-    depth = scipy.ndimage.distance_transform_edt(np.pad(m_box, 1), sampling=vs)[1:-1, 1:-1, 1:-1]
+    depth = _extract(mask_depth_mm(m, vs), box)
     if not np.any(depth > radii[-1] * (1 + 1e-9)):
         raise QSMInputError(f"the mask is too small for V-SHARP: no voxel is more than {radii[-1]:g} mm "
                             f"(the smallest kernel radius) from its edge")

@@ -117,26 +117,35 @@ class SingleStepSettings:
                           data_term=self.data_term)
 
 
-def smv_valid_mask(mask: np.ndarray, voxel_size_mm: Sequence[float], radius_mm: float) -> np.ndarray:
-    """The voxels of ``mask`` farther than ``radius_mm`` from its edge, whose SMV ball lies in it (bool)."""
+def mask_depth_mm(mask: np.ndarray, voxel_size_mm: Sequence[float]) -> np.ndarray:
+    """Distance (mm) from each voxel of ``mask`` to the nearest voxel outside it (0 outside); the mask's
+    bounding box counts as outside. One distance transform serves every SMV radius."""
+    vs = check_voxel_size(voxel_size_mm)
+    m = np.asarray(mask) > 0.5
+    box = mask_bounding_box(m)
+    depth = np.zeros(m.shape)
+    depth[box] = scipy.ndimage.distance_transform_edt(np.pad(m[box], 1), sampling=vs)[1:-1, 1:-1, 1:-1]
+    return depth
+
+
+def smv_valid_mask(mask: np.ndarray, voxel_size_mm: Sequence[float], radius_mm: float,
+                   depth_mm: Optional[np.ndarray] = None) -> np.ndarray:
+    """The voxels of ``mask`` farther than ``radius_mm`` from its edge, whose SMV ball lies in it (bool).
+    ``depth_mm``: the mask's :func:`mask_depth_mm`, when the caller already has it."""
     vs = check_voxel_size(voxel_size_mm)
     if not (math.isfinite(radius_mm) and radius_mm >= min(vs)):
         raise QSMInputError(f"SMV radius {radius_mm} mm must be at least the finest voxel side {min(vs):g} mm")
-    m = np.asarray(mask) > 0.5
-    box = mask_bounding_box(m)
-    # distance (mm) to the nearest voxel outside the mask; the box's border counts as outside
-    depth = scipy.ndimage.distance_transform_edt(np.pad(m[box], 1), sampling=vs)[1:-1, 1:-1, 1:-1]
-    valid = np.zeros(m.shape, dtype=bool)
-    valid[box] = depth > radius_mm * (1 + 1e-9)
-    return valid
+    depth = mask_depth_mm(mask, vs) if depth_mm is None else depth_mm
+    return depth > radius_mm * (1 + 1e-9)
 
 
 def smv_high_pass(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[float],
-                  radius_mm: float) -> Tuple[np.ndarray, np.ndarray]:
+                  radius_mm: float, depth_mm: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
     """``f - SMV_r(f)`` of the field inside ``mask`` (float32, 0 outside the valid mask), and the valid mask:
-    the voxels farther than ``radius_mm`` from the mask's edge, whose ball lies in the mask (bool)."""
+    the voxels farther than ``radius_mm`` from the mask's edge, whose ball lies in the mask (bool).
+    ``depth_mm``: the mask's :func:`mask_depth_mm`, when the caller already has it."""
     vs = check_voxel_size(voxel_size_mm)
-    valid = smv_valid_mask(mask, vs, radius_mm)
+    valid = smv_valid_mask(mask, vs, radius_mm, depth_mm)
     m = np.asarray(mask) > 0.5
     box = mask_bounding_box(m)
     f_box = np.where(m[box], np.asarray(field_ppm, dtype=np.float64)[box], 0.0)
@@ -189,13 +198,14 @@ def solve_single_step_tv(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm:
     vs = check_voxel_size(voxel_size_mm)
     b0 = unit_vector(b0_dir)
     radii = settings.radii_for(vs)
+    depth = mask_depth_mm(mask_bool, vs)
     # a ball that fits nowhere in the mask adds nothing (a small mask); the smallest one must fit somewhere
-    radii = tuple(r for r in radii if smv_valid_mask(mask_bool, vs, r).any()) or radii[:1]
+    radii = tuple(r for r in radii if smv_valid_mask(mask_bool, vs, r, depth).any()) or radii[:1]
     tv_settings = settings.tv_settings()
-    highs, valids = zip(*(smv_high_pass(field32, mask_bool, vs, r) for r in radii))
+    highs, valids = zip(*(smv_high_pass(field32, mask_bool, vs, r, depth) for r in radii))
     high, valid = highs[0], valids[0]   # the smallest ball fits wherever any does
     output_radius = float(settings.output_radius_mm)
-    keep = mask_bool if output_radius == 0 else smv_valid_mask(mask_bool, vs, output_radius)
+    keep = mask_bool if output_radius == 0 else smv_valid_mask(mask_bool, vs, output_radius, depth)
     if not keep.any():
         raise QSMInputError(f"the mask is too small for an output_radius_mm of {output_radius:g} mm: no voxel is "
                             f"that far from its edge")
