@@ -14,10 +14,22 @@ from qsmdip.realistic_acquisition import RealisticAcquisition, make_realistic_ac
 
 
 def add_acquisition_arguments(parser: argparse.ArgumentParser) -> None:
-    """--voxel-size, --b0-tilt-deg and --acquisition."""
+    """--voxel-size, --b0-tilt-deg, --snr and --acquisition."""
     parser.add_argument("--voxel-size", type=float, default=2.0)
     parser.add_argument("--b0-tilt-deg", type=float, default=0.0, help="B0 tilted from k towards j")
+    parser.add_argument("--snr", type=_snr, default=100.0,
+                        help="first-echo SNR of the complex signal (default 100), or 'none' for noise-free data")
     parser.add_argument("--acquisition", help="a pickled RealisticAcquisition (instead of simulating one)")
+
+
+def _snr(text: str):
+    """A positive SNR, or None for 'none' (no noise)."""
+    if text.strip().lower() == "none":
+        return None
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"SNR must be positive or 'none', got {text!r}")
+    return value
 
 
 def acquisition_from_args(args: argparse.Namespace) -> RealisticAcquisition:
@@ -26,4 +38,4 @@ def acquisition_from_args(args: argparse.Namespace) -> RealisticAcquisition:
         with open(args.acquisition, "rb") as handle:
             return pickle.load(handle)
     return make_realistic_acquisition(voxel_size_mm=(args.voxel_size,) * 3,
-                                      b0_dir=b0_tilted_about_i(args.b0_tilt_deg))
+                                      b0_dir=b0_tilted_about_i(args.b0_tilt_deg), snr=args.snr)

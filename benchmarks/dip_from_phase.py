@@ -6,12 +6,14 @@ The record behind docs/phase-pipeline.md ("DIP from the phase"):
     python benchmarks/dip_from_phase.py --voxel-size 2 [--acquisition acq.pkl]
     python benchmarks/dip_from_phase.py --voxel-size 1 --runs tv,single-step,tv-true   # no DIP: hours at 1 mm
     python benchmarks/dip_from_phase.py --voxel-size 2 --runs single-step,tv-true,tv-oracle-bfr
+    python benchmarks/dip_from_phase.py --voxel-size 2 --snr none --runs single-step,tv-true,tv-oracle-bfr
 
 About 7 minutes at 2 mm on 2 CPU cores (DIP is most of it). Run it alone. ``tv-true`` is the reference of the
 issue's 1.5x target: TV on the noise-free true local field in the pipeline's mask. ``tv-oracle-bfr`` is TV on
 what a perfect background removal would return from this pipeline's total field: the true local field plus the
 pipeline's own total-field error (noise, dephasing), less that error's constant and linear part (harmonic, so
-any background removal takes it).
+any background removal takes it). ``--snr none`` simulates the same acquisition without noise: what is left of
+the gap is the voxel signal's phase itself (partial volumes, dephasing; field_error_by_tissue.py).
 """
 from __future__ import annotations
 
