@@ -378,6 +378,26 @@ def test_smv_and_single_step_refuse_bad_radii():
         single_step_tv(np.zeros(mask.shape), mask, (2.0, 2.0, 2.0), iterations=0)
     with pytest.raises(QSMInputError, match="at least the finest voxel side"):
         single_step_tv(np.zeros(mask.shape), mask, (2.0, 2.0, 2.0), radii_mm=(1.0, 4.0))
+
+
+def test_single_step_runs_where_it_is_asked():
+    """The ADMM solve honours ``device`` as TV does: an unknown device, or CUDA on a machine without one, is an
+    error rather than a silent run on the CPU; 'auto' reports the device it used."""
+    import torch
+
+    from qsmdip.solvers.single_step import SingleStepSettings, solve_single_step_tv
+
+    mask = np.zeros((20, 20, 20), bool)
+    mask[3:17, 3:17, 3:17] = True
+    field = np.where(mask, np.random.default_rng(0).normal(0, 0.01, mask.shape), 0.0)
+    with pytest.raises(QSMInputError, match="unknown device"):
+        solve_single_step_tv(field, mask, (2.0, 2.0, 2.0), device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(QSMInputError, match="no CUDA GPU"):
+            single_step_tv(field, mask, (2.0, 2.0, 2.0), device="cuda")
+    result = solve_single_step_tv(field, mask, (2.0, 2.0, 2.0), device="auto",
+                                  settings=SingleStepSettings(radii_mm=(4.0,), alpha=0.05, iterations=3))
+    assert result.device == ("cuda" if torch.cuda.is_available() else "cpu")
     # a ball that fits nowhere in this small mask is left out; the others still run
     fitted = single_step_tv(np.zeros(mask.shape), mask, (2.0, 2.0, 2.0), radii_mm=(2.0, 30.0), alpha=0.01,
                             iterations=2)

@@ -35,14 +35,15 @@ def single_step_tv(total_field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm:
                    output_radius_mm: Optional[float] = None,
                    alpha: Optional[float] = None, iterations: int = SingleStepSettings.iterations,
                    tolerance: float = SingleStepSettings.tolerance,
-                   data_term: str = SingleStepSettings.data_term) -> SingleStepResult:
+                   data_term: str = SingleStepSettings.data_term, device: str = "auto") -> SingleStepResult:
     """chi (ppm) from the total field (ppm) in ``mask``: SMV high-passes of ``radii_mm`` + filtered TV.
 
     ``radii_mm`` None takes the solver's default radii; ``alpha`` None chooses the TV weight by hold-out
     cross-validation. The data term covers the mask eroded by the smallest radius; chi is returned in the mask
     eroded by ``output_radius_mm`` (None: the smallest radius; 0: the whole input mask), whose rim chi is
     fitted through its field inside (less exact). ``data_term``: see
-    :class:`qsmdip.solvers.single_step.SingleStepSettings`.
+    :class:`qsmdip.solvers.single_step.SingleStepSettings`. ``device``: where the ADMM solve runs ("auto": a
+    CUDA GPU when there is one).
     """
     vs = check_voxel_size(voxel_size_mm)
     settings = SingleStepSettings(radii_mm=None if radii_mm is None else tuple(np.ravel(radii_mm)), alpha=alpha,
@@ -50,7 +51,7 @@ def single_step_tv(total_field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm:
     radii = settings.radii_for(vs)
     out = radii[0] if output_radius_mm is None else output_radius_mm
     settings = replace(settings, output_radius_mm=out)
-    result = solve_single_step_tv(total_field_ppm, mask, vs, b0_dir=b0_dir, settings=settings, device="cpu")
+    result = solve_single_step_tv(total_field_ppm, mask, vs, b0_dir=b0_dir, settings=settings, device=device)
     m = np.asarray(mask) > 0.5
     keep = m if out == 0 else smv_valid_mask(m, vs, float(out))
     chosen = result.chosen
