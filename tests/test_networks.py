@@ -101,3 +101,29 @@ def test_conv_first_decoder_has_the_same_weights_and_runs_its_blocks_on_the_coar
     assert seen["original"][1] == (12, 16, 8)    # the last decoder block at full resolution
     assert seen["cheaper"][1] == (6, 8, 4)       # ... and on the level below
     assert not torch.allclose(seen["original"][0], seen["cheaper"][0])
+
+
+@pytest.mark.parametrize("in_channels", [1, 2, 4])
+def test_cpu_fast_paths_compute_the_plain_modules_function(in_channels, monkeypatch):
+    """The zero-padded stem (oneDNN's fast 3-channel kernel) and the einsum head change the speed on the CPU,
+    not the function: output and every weight gradient match the network run through its own modules."""
+    import qsmdip.networks as networks
+
+    torch.manual_seed(0)
+    net = UNet3d(in_channels=in_channels, out_channels=1, width=4, depth=2, decoder="conv-first")
+    torch.nn.init.normal_(net.head.bias)
+    x = torch.randn(1, in_channels, 11, 13, 9)
+
+    def output_and_grads():
+        net.zero_grad()
+        y = net(x)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        return y.detach(), [p.grad.clone() for p in net.parameters()]
+
+    fast = output_and_grads()
+    monkeypatch.setattr(networks, "CPU_STEM_CHANNELS", None)
+    monkeypatch.setattr(UNet3d, "_head", lambda self, y: self.head(y))
+    plain = output_and_grads()
+    assert torch.allclose(fast[0], plain[0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(fast[1], plain[1]):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-4, rtol=1e-4)
