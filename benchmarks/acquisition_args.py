@@ -18,7 +18,8 @@ def add_acquisition_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--voxel-size", type=float, default=2.0)
     parser.add_argument("--b0-tilt-deg", type=float, default=0.0, help="B0 tilted from k towards j")
     parser.add_argument("--snr", type=_snr, default=100.0,
-                        help="first-echo SNR of the complex signal (default 100), or 'none' for noise-free data")
+                        help="first-echo SNR of the complex signal (default 100), or 'none' for noise-free data; "
+                             "a pickled --acquisition keeps its own")
     parser.add_argument("--acquisition", help="a pickled RealisticAcquisition (instead of simulating one)")
 
 

@@ -378,6 +378,10 @@ def test_smv_and_single_step_refuse_bad_radii():
         single_step_tv(np.zeros(mask.shape), mask, (2.0, 2.0, 2.0), iterations=0)
     with pytest.raises(QSMInputError, match="at least the finest voxel side"):
         single_step_tv(np.zeros(mask.shape), mask, (2.0, 2.0, 2.0), radii_mm=(1.0, 4.0))
+    # a ball that fits nowhere in this small mask is left out; the others still run
+    fitted = single_step_tv(np.zeros(mask.shape), mask, (2.0, 2.0, 2.0), radii_mm=(2.0, 30.0), alpha=0.01,
+                            iterations=2)
+    assert "radii 2 mm" in fitted.notes[0]
 
 
 def test_single_step_runs_where_it_is_asked():
@@ -398,10 +402,6 @@ def test_single_step_runs_where_it_is_asked():
     result = solve_single_step_tv(field, mask, (2.0, 2.0, 2.0), device="auto",
                                   settings=SingleStepSettings(radii_mm=(4.0,), alpha=0.05, iterations=3))
     assert result.device == ("cuda" if torch.cuda.is_available() else "cpu")
-    # a ball that fits nowhere in this small mask is left out; the others still run
-    fitted = single_step_tv(np.zeros(mask.shape), mask, (2.0, 2.0, 2.0), radii_mm=(2.0, 30.0), alpha=0.01,
-                            iterations=2)
-    assert "radii 2 mm" in fitted.notes[0]
 
 
 # --------------------------------------------------------------------------------------- bad input

@@ -18,8 +18,8 @@ from typing import List, Mapping, Optional, Sequence, Tuple
 from .i18n import _
 from .process import BackgroundProcess, CommandSequence, worker_environment
 
-#: The torch the library needs (pyproject.toml: torch>=2.0).
-TORCH_REQUIREMENT = ">=2.0"
+#: The torch the library needs (pyproject.toml: torch>=2.4; the network asks torch.is_autocast_enabled("cpu")).
+TORCH_REQUIREMENT = ">=2.4"
 #: light-the-torch picks the torch build for the computer's CUDA driver, as the PyTorch extension does.
 LIGHT_THE_TORCH = "light-the-torch>=0.5"
 

@@ -174,4 +174,5 @@ class UNet3d(nn.Module):
     def _head(self, y: torch.Tensor) -> torch.Tensor:
         """The 1x1x1 output convolution, as a contraction over channels (module docstring)."""
         out = torch.einsum("bcijk,oc->boijk", y, self.head.weight.flatten(1))
-        return out if self.head.bias is None else out + self.head.bias.view(1, -1, 1, 1, 1)
+        # the bias in the contraction's dtype: under autocast the output stays bf16, as Conv3d's was
+        return out if self.head.bias is None else out + self.head.bias.to(out.dtype).view(1, -1, 1, 1, 1)
