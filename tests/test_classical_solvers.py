@@ -299,6 +299,7 @@ def test_single_step_tv_has_the_common_call_shape_and_checks_its_settings():
     assert result.chosen["alpha_rule"] == "given" and result.chosen["eroded_voxels"] == 0
     assert np.all(result.chi_ppm[~ph.mask] == 0) and np.count_nonzero(result.chi_ppm[ph.mask]) > 0
     for bad in ({"radii_mm": (0.0,)}, {"radii_mm": ()}, {"radii_mm": "wide"}, {"output_radius_mm": 13.0},
-                {"radii_mm": (4.0,), "output_radius_mm": 5.0}, {"data_term": "huber"}, {"iterations": 0}):
+                {"radii_mm": (4.0,), "output_radius_mm": 5.0}, {"data_term": "cauchy"}, {"iterations": 0},
+                {"huber_delta": 0.0}):
         with pytest.raises(QSMInputError):
             SingleStepSettings(**bad)

@@ -72,15 +72,33 @@ def test_l1_data_term_resists_grossly_wrong_voxels(small_realistic):
     rms = float(np.sqrt(np.mean(field[ph.mask] ** 2)))
     field.flat[bad] += rng.choice([-1.0, 1.0], size=bad.size) * 10.0 * rms
     scores = {}
-    for term in ("l2", "l1"):
+    for term in ("l2", "l1", "huber"):
         result = solve_tv(field, ph.mask, ph.voxel_size_mm, b0_dir=ph.b0_dir, device="cpu",
                           settings=TVSettings(data_term=term))
         scores[term] = nrmse(result.chi_ppm, ph.chi_ppm, ph.mask)
     clean = nrmse(_tv(ph).chi_ppm, ph.chi_ppm, ph.mask)
     assert scores["l1"] < 0.8 * scores["l2"], scores
     assert scores["l1"] < 1.4 * clean, (scores, clean)  # measured 76.7 (l2) and 33.0 (l1) against 26.1 clean
+    # Huber is l1 beyond its switch point (0.1 of the field's RMS, far below these errors): as robust
+    assert scores["huber"] < 0.8 * scores["l2"] and scores["huber"] < 1.4 * clean, (scores, clean)
+
+
+def test_huber_data_term_is_least_squares_below_its_switch_point(small_realistic):
+    """With a switch point far above every residual, Huber TV is least-squares TV with the weight halved
+    relative to l2's 0.5 r^2 (it fits r^2 / (2 delta)): the same map as l2 at alpha * delta."""
+    ph = small_realistic
+    delta = 50.0
+    huber = solve_tv(ph.field_ppm, ph.mask, ph.voxel_size_mm, b0_dir=ph.b0_dir, device="cpu",
+                     settings=TVSettings(alpha=0.02, data_term="huber", huber_delta=delta, mu1=0.06, mu2=1.0 / delta,
+                                         iterations=60, tolerance=0.0))
+    l2 = solve_tv(ph.field_ppm, ph.mask, ph.voxel_size_mm, b0_dir=ph.b0_dir, device="cpu",
+                  settings=TVSettings(alpha=0.02 * delta, mu1=0.06 * delta, mu2=1.0, iterations=60, tolerance=0.0))
+    np.testing.assert_allclose(huber.chi_ppm, l2.chi_ppm, atol=1e-4 * float(np.abs(l2.chi_ppm).max()))
 
 
 def test_data_term_is_checked():
     with pytest.raises(Exception, match="data_term"):
-        TVSettings(data_term="huber")
+        TVSettings(data_term="cauchy")
+    for delta in (0.0, -1.0, float("nan")):
+        with pytest.raises(Exception, match="huber_delta"):
+            TVSettings(data_term="huber", huber_delta=delta)

@@ -1,8 +1,8 @@
 """Single-step QSM from the total field, with the phase pipeline's call shape for a background method.
 
 The method itself is the solver :func:`qsmdip.solvers.single_step.solve_single_step_tv` (``--method
-single-step-tv``): an SMV high-pass as the background removal and TV inversion of the same model, with an l1
-data term by default. This wrapper returns, besides chi, the mask it is valid in and the notes the pipeline
+single-step-tv``): an SMV high-pass as the background removal and TV inversion of the same model, with a
+Huber data term by default. This wrapper returns, besides chi, the mask it is valid in and the notes the pipeline
 prints. Measurements: ``docs/results/background-removal.md`` and ``docs/phase-pipeline.md``.
 
 Arrays are [i, j, k]; fields and chi in ppm; lengths in mm.

@@ -15,14 +15,15 @@ of the largest ball that fits around it, so the data term is a sum of one term p
 everywhere; a large one alone keeps them but loses the edge. Unlike V-SHARP nothing is deconvolved: each
 term carries its own kernel.
 
-The data term is l1 by default (``TVSettings.data_term``): the high-pass spreads each badly measured voxel
-(dephased phase in a bleed or a vein) over a ball, which least squares turns into streaks. The weight is
+The data term is Huber by default (``TVSettings.data_term``): l1 for large residuals, because the high-pass
+spreads each badly measured voxel (dephased phase in a bleed or a vein) over a ball, which least squares turns
+into streaks; quadratic for small ones, the noise, which least squares fits best. The weight is
 chosen by the same hold-out rule as TV, on the high-passed field. chi is returned on the input mask eroded by
 ``output_radius_mm`` (0, the default: the whole mask; the rim's chi is fitted through its field inside).
 
 Measured (``docs/phase-pipeline.md``, realistic head from phase, SNR 100, on the pipeline's mask): at 2 mm the
-default radii give 28.5 % NRMSE axial and 28.7 % at 20 degrees (one 6 mm radius: 34.0 and 34.6 %; TV after PDF:
-52.0 and 48.7 %), at 1 mm 22.6 % (one radius: 28.6 %).
+default radii and Huber term give 28.0 % NRMSE axial and 27.9 % at 20 degrees (l1: 28.5 and 28.7 %; one 6 mm
+radius: 34.0 and 34.6 %; TV after PDF: 52.0 and 48.7 %), at 1 mm 22.5 % (l1: 22.6 %; one radius: 28.6 %).
 
 Arrays are [i, j, k]; fields and chi in ppm; lengths in mm.
 """
@@ -74,7 +75,12 @@ class SingleStepSettings:
         tolerance: stop once the relative change of chi falls below it (>= 0). 1e-3, as TV's: 1e-4 took 2.4x
             longer for no better map (realistic head from phase, 1 mm: 28.37 against 28.56 % in 1280 against
             537 s; 2 mm: 34.27 against 33.96 % in 33 against 14 s; ``docs/phase-pipeline.md``).
-        data_term: "l1" (default, robust to grossly wrong voxels) or "l2".
+        data_term: "huber" (default: quadratic for residuals under ``huber_delta``, l1 above: the noise is
+            fitted by least squares, grossly wrong voxels are discounted), "l1" (the default until 2026-12-05) or
+            "l2". On the realistic head from phase, SNR 100: 2 mm 28.04 / 27.87 % (axial / 20 degrees) against
+            28.52 / 28.71 for l1, 3 mm 38.05 against 39.86, 4 mm 43.87 against 46.39; noise-free 2 mm 24.08
+            against 24.17 (``docs/phase-pipeline.md``, "A Huber data term").
+        huber_delta: the Huber term's switch point, relative to the high-passed field's RMS (> 0).
     """
 
     radii_mm: Optional[Tuple[float, ...]] = None
@@ -82,7 +88,8 @@ class SingleStepSettings:
     alpha: Optional[float] = None
     iterations: int = 300
     tolerance: float = 1e-3
-    data_term: str = "l1"
+    data_term: str = "huber"
+    huber_delta: float = 0.1
 
     def __post_init__(self) -> None:
         if self.radii_mm is not None:
@@ -115,7 +122,7 @@ class SingleStepSettings:
 
     def tv_settings(self) -> TVSettings:
         return TVSettings(alpha=self.alpha, iterations=int(self.iterations), tolerance=float(self.tolerance),
-                          data_term=self.data_term)
+                          data_term=self.data_term, huber_delta=float(self.huber_delta))
 
 
 def mask_depth_mm(mask: np.ndarray, voxel_size_mm: Sequence[float]) -> np.ndarray:
@@ -249,7 +256,7 @@ def solve_single_step_tv(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm:
 
         iteration, reason, chi_box, _ = problem.run(state, alpha, mu1, float(tv_settings.mu2), int(settings.iterations),
                                                     problem.mask_pad, on_iteration, track_loss=False,
-                                                    data_term=settings.data_term)
+                                                    data_term=settings.data_term, huber_delta=tv_settings.huber_delta)
         chi = crop.paste((chi_box * scale).cpu().numpy())
     chi = np.where(keep, chi, 0.0).astype(np.float32)
     chosen = {"alpha": alpha, "alpha_rule": rule, "radii_mm": list(radii), "data_term": settings.data_term,

@@ -46,7 +46,7 @@ _DIMS = (-3, -2, -1)
 #: default ADMM penalty of the gradient splitting per unit of alpha (normalised field; see TVSettings.mu1)
 MU1_PER_ALPHA = 3.0
 #: data terms TV-ADMM can fit (TVSettings.data_term)
-DATA_TERMS = ("l2", "l1")
+DATA_TERMS = ("l2", "l1", "huber")
 #: where the final solve after an automatic weight choice starts (``TVSettings.final_start``)
 FINAL_STARTS = ("cold", "warm")
 log = logging.getLogger("qsmdip")
@@ -86,7 +86,12 @@ class TVSettings:
         data_term: "l2" (least squares, default: right for Gaussian noise) or "l1" (sum of absolute residuals,
             robust to a few grossly wrong voxels, such as the phase of dephased voxels in a bleed, which
             least squares spreads as streaks; Milovic et al., MRM 2021). With "l1" the hold-out choice scores
-            the mean absolute held-out residual. Measured in ``docs/results/background-removal.md``.
+            the mean absolute held-out residual. Measured in ``docs/results/background-removal.md``. "huber"
+            is quadratic for residuals below ``huber_delta`` and l1 above: the noise is fitted by least squares
+            and the grossly wrong voxels are still discounted (single-step TV's default; hold-out scored as
+            with "l1"; ``docs/phase-pipeline.md``, "A Huber data term").
+        huber_delta: where the "huber" data term turns from quadratic to linear, relative to the field's RMS
+            in the mask (> 0; the field is normalised by that RMS, so the threshold is scale-free).
         final_start: where the final solve after an automatic choice starts: "warm" (from the chosen
             candidate's ADMM state; default) or "cold" (from zero, as a solve at a given weight does). Warm
             gets nearer TV's minimiser; cold stops on the way there, which smooths the map further and can
@@ -110,13 +115,14 @@ class TVSettings:
     alpha_factor: float = 1.0
     data_term: str = "l2"
     final_start: str = "warm"
+    huber_delta: float = 0.1
 
     def __post_init__(self) -> None:
         if self.final_start not in FINAL_STARTS:
             raise QSMInputError(f"TV final_start must be one of {', '.join(FINAL_STARTS)}, got {self.final_start!r}")
         if self.data_term not in DATA_TERMS:
             raise QSMInputError(f"TV data_term must be one of {', '.join(DATA_TERMS)}, got {self.data_term!r}")
-        for name in (("alpha",) if self.alpha is not None else ()) + ("mu2", "alpha_factor") + \
+        for name in (("alpha",) if self.alpha is not None else ()) + ("mu2", "alpha_factor", "huber_delta") + \
                 (("mu1",) if self.mu1 is not None else ()):
             value = float(getattr(self, name))
             if not (value > 0.0 and np.isfinite(value)):
@@ -201,21 +207,24 @@ class _TVProblem:
 
     def run(self, state: _State, alpha: float, mu1: float, mu2: float, iterations: int, weight: torch.Tensor,
             on_iteration: Optional[Callable[[int, float, torch.Tensor], Optional[str]]] = None,
-            track_loss: bool = True, data_term: str = "l2"):
+            track_loss: bool = True, data_term: str = "l2", huber_delta: float = 0.1):
         """Run up to ``iterations`` ADMM steps from ``state`` (changed in place); ``weight`` is the data mask.
 
         ``on_iteration(iteration, loss, chi_box)`` may return a stop reason; ``loss`` is NaN unless
         ``track_loss`` (the objective costs a pass over the padded grid that the weight search does not
         need). Returns (iterations done, stop reason or None, chi on the box, D chi on the padded grid).
         ``data_term`` "l1" fits sum(weight |D chi - f|) instead of 0.5 sum((weight (D chi - f))^2): the split
-        variable's update is then a soft threshold of the residual (weight / mu2), not a weighted mean.
+        variable's update is then a soft threshold of the residual (weight / mu2), not a weighted mean;
+        "huber" fits sum(weight H(D chi - f)) with H(r) = r^2 / (2 delta) up to ``huber_delta`` and |r| - delta / 2
+        beyond: the update shrinks small residuals by 1 / (1 + weight / (delta mu2)) and soft-thresholds large ones.
 
         The data term may be a stack: ``kernel`` (R, ...) with ``field_pad`` and ``weight`` (R, ...) fits
         the sum of R terms, each with its own kernel, field and mask (multi-radius single-step TV); then
         ``state.v``, ``state.u`` and the returned D chi are stacks too. The stack is walked one term at a
         time, which keeps each pass over the grid in cache (twice as fast as batched on 2 cores).
         """
-        l1 = data_term == "l1"
+        l1 = data_term in ("l1", "huber")
+        delta = float(huber_delta) if data_term == "huber" else 0.0
         if state.mu1 != mu1:  # scaled duals are duals / mu1: rescale when the penalty changes
             state.s.mul_(state.mu1 / mu1)
             state.mu1 = mu1
@@ -254,7 +263,11 @@ class _TVProblem:
                 if l1:  # where weight is 0 the threshold is 0 and v = target, as in the l2 update
                     residual = target - fields[term]
                     shrunk = torch.clamp(residual.abs() - weights[term] / mu2, min=0.0)
-                    v_terms[term] = fields[term] + torch.sign(residual) * shrunk
+                    step = torch.sign(residual) * shrunk
+                    if delta > 0:  # Huber: the quadratic part's prox below its (continuous) switch point
+                        step = torch.where(residual.abs() <= delta + weights[term] / mu2,
+                                           residual / (1.0 + weights[term] / (delta * mu2)), step)
+                    v_terms[term] = fields[term] + step
                 else:
                     v_terms[term] = (weighted_fields[term] + mu2 * target) / (weights[term] + mu2)
                 u_terms[term] = target - v_terms[term]
@@ -263,7 +276,11 @@ class _TVProblem:
                 if track_loss:
                     tv_norm = torch.sum(torch.sqrt(torch.sum(grad ** 2, dim=0)))
                     misfit = weights * (d_chis - fields)
-                    data = torch.sum(misfit.abs()) if l1 else 0.5 * torch.sum(misfit ** 2)
+                    if delta > 0:
+                        size = (d_chis - fields).abs()
+                        data = torch.sum(weights * torch.where(size <= delta, size ** 2 / (2 * delta), size - delta / 2))
+                    else:
+                        data = torch.sum(misfit.abs()) if l1 else 0.5 * torch.sum(misfit ** 2)
                     loss = float(data + alpha * tv_norm)
                 reason = on_iteration(iteration, loss, chi[self.box] * self.mask_box)
                 if reason is not None:
@@ -318,9 +335,9 @@ def choose_alpha(problem: _TVProblem, settings: TVSettings, device: torch.device
         budget = int(settings.iterations) if index == 0 else int(settings.cv_iterations)
         _, _, chi_box, d_chi = problem.run(state, alpha, settings.gradient_penalty(alpha), float(settings.mu2),
                                             budget, fit_weight, until_converged, track_loss=False,
-                                            data_term=settings.data_term)
+                                            data_term=settings.data_term, huber_delta=settings.huber_delta)
         residual = held * problem.mask_pad * (d_chi - problem.field_pad)
-        score = float(torch.sum(residual.abs() if settings.data_term == "l1" else residual ** 2) / n_held)
+        score = float(torch.sum(residual.abs() if settings.data_term != "l2" else residual ** 2) / n_held)
         scores.append(score)
         if on_candidate is not None:
             on_candidate(alpha, chi_box)
@@ -426,7 +443,8 @@ def solve_tv(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[fl
         iteration = 0
         if not cancelled:
             iteration, reason, _, _ = problem.run(state, alpha, mu1, mu2, max_iterations, problem.mask_pad,
-                                                  on_iteration, data_term=settings.data_term)
+                                                  on_iteration, data_term=settings.data_term,
+                                                  huber_delta=settings.huber_delta)
             last["reason"] = reason or "completed"
         chi_full = crop.paste((last["chi"] * scale).cpu().numpy())
 
