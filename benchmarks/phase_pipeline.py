@@ -8,7 +8,7 @@ chain with each background method, and reports per stage the seconds, and at the
   (``true_local_field``);
 - the share of the true brain the returned mask keeps;
 - optionally (``--qsm``) the TV map from that local field and TV on the true local field in the same mask,
-  and single-step TV (l1 data term, ``--single-step-radii``) from the chain's total field, chi on its whole mask,
+  and single-step TV (its default data term, Huber since 2026-12-05; ``--single-step-radii``) from the chain's total field, chi on its whole mask,
   each scored against the true chi in that mask.
 
     python benchmarks/phase_pipeline.py --voxels 2 --tilts 0,20 --qsm --out docs/results/phase-pipeline-2mm
@@ -77,7 +77,7 @@ def run_case(voxel: float, tilt: float, snr: float, with_qsm: bool, single_step_
             row["qsm_from_phase"] = {k: round(v, 3) for k, v in all_metrics(from_phase, acq.chi_ppm, evaluate).items() if k in pick}
             row["qsm_on_true_local"] = {k: round(v, 3) for k, v in all_metrics(on_truth, acq.chi_ppm, evaluate).items() if k in pick}
             row["qsm_ratio"] = round(row["qsm_from_phase"]["nrmse"] / row["qsm_on_true_local"]["nrmse"], 2)
-            # single-step TV (l1) from the same total field and mask, chi kept on the whole mask
+            # single-step TV (default data term) from the same total field and mask, chi kept on the whole mask
             started = time.perf_counter()
             single = single_step_tv(result.total_field_ppm, result.field_mask, acq.voxel_size_mm, b0_dir=acq.b0_dir,
                                     radii_mm=single_step_radii, output_radius_mm=0.0).chi_ppm

@@ -84,15 +84,16 @@ def test_l1_data_term_resists_grossly_wrong_voxels(small_realistic):
 
 
 def test_huber_data_term_is_least_squares_below_its_switch_point(small_realistic):
-    """With a switch point far above every residual, Huber TV is least-squares TV with the weight halved
-    relative to l2's 0.5 r^2 (it fits r^2 / (2 delta)): the same map as l2 at alpha * delta."""
+    """With a switch point far above every residual, Huber TV fits r^2 / (2 delta): least-squares TV with its
+    data term scaled by 1 / delta, so the same map as l2 at alpha * delta (every ADMM penalty scaled by delta
+    too, so both runs take the same steps; delta mu2 = 3, not 1, so a wrong power of it in the update shows)."""
     ph = small_realistic
     delta = 50.0
     huber = solve_tv(ph.field_ppm, ph.mask, ph.voxel_size_mm, b0_dir=ph.b0_dir, device="cpu",
-                     settings=TVSettings(alpha=0.02, data_term="huber", huber_delta=delta, mu1=0.06, mu2=1.0 / delta,
+                     settings=TVSettings(alpha=0.02, data_term="huber", huber_delta=delta, mu1=0.06, mu2=3.0 / delta,
                                          iterations=60, tolerance=0.0))
     l2 = solve_tv(ph.field_ppm, ph.mask, ph.voxel_size_mm, b0_dir=ph.b0_dir, device="cpu",
-                  settings=TVSettings(alpha=0.02 * delta, mu1=0.06 * delta, mu2=1.0, iterations=60, tolerance=0.0))
+                  settings=TVSettings(alpha=0.02 * delta, mu1=0.06 * delta, mu2=3.0, iterations=60, tolerance=0.0))
     np.testing.assert_allclose(huber.chi_ppm, l2.chi_ppm, atol=1e-4 * float(np.abs(l2.chi_ppm).max()))
 
 

@@ -275,11 +275,11 @@ class _TVProblem:
                 loss = math.nan
                 if track_loss:
                     tv_norm = torch.sum(torch.sqrt(torch.sum(grad ** 2, dim=0)))
-                    misfit = weights * (d_chis - fields)
                     if delta > 0:
                         size = (d_chis - fields).abs()
                         data = torch.sum(weights * torch.where(size <= delta, size ** 2 / (2 * delta), size - delta / 2))
                     else:
+                        misfit = weights * (d_chis - fields)
                         data = torch.sum(misfit.abs()) if l1 else 0.5 * torch.sum(misfit ** 2)
                     loss = float(data + alpha * tv_norm)
                 reason = on_iteration(iteration, loss, chi[self.box] * self.mask_box)
@@ -295,7 +295,7 @@ class WeightChoice:
 
     chosen: float
     candidates: List[float]
-    scores: List[float]          #: held-out misfit (mean squared, or mean absolute for l1; normalised field)
+    scores: List[float]          #: held-out misfit (mean squared, or mean absolute for l1 and huber; normalised field)
     rule: str = "holdout"
 
 
