@@ -114,6 +114,7 @@ def test_penalty_weights_that_cannot_be_chosen_are_refused():
     ("input", "base"),  # with the default base replaced by none below
     ("holdout_fraction", 0.6), ("holdout_fraction", -0.1), ("holdout_fraction", None), ("holdout_rise", 0.0),
     ("base_alpha_factor", 0.0), ("base_alpha_factor", float("inf")), ("decoder", "transposed"),
+    ("base_data_term", "cauchy"),
 ])
 def test_invalid_settings_name_the_bad_value(field, value):
     extra = {"base": "none"} if field == "input" and value == "base" else {}
@@ -430,3 +431,21 @@ def test_cpu_autocast_follows_the_hardware_and_keeps_the_result(tiny_case):
     # other paths from the same start, but reach the same misfit and the same accuracy
     assert abs(fast.loss_history[-1] / exact.loss_history[-1] - 1) < 0.02
     assert abs(nrmse(fast.chi_ppm, chi, mask) - nrmse(exact.chi_ppm, chi, mask)) < 1.0
+
+
+def test_the_base_data_term_reaches_the_tv_base(tiny_case, monkeypatch):
+    """``base_data_term`` is the TV base's data term: the base solve is asked for it, l2 by default."""
+    import qsmdip.solvers.tv as tv
+
+    seen = []
+    real = tv.solve_tv
+
+    def recording(*args, settings=None, **kwargs):
+        seen.append(settings.data_term)
+        return real(*args, settings=settings, **kwargs)
+
+    monkeypatch.setattr(tv, "solve_tv", recording)
+    run_tiny(tiny_case, iterations=1, base="tv", base_iterations=3)
+    run_tiny(tiny_case, iterations=1, base="tv", base_iterations=3, base_data_term="huber")
+    assert seen == ["l2", "huber"]
+
