@@ -2,6 +2,7 @@
 by the hold-out rule. The record behind docs/dip-experiments.md ("A Huber data term for TV").
 
     python benchmarks/tv_data_term.py [--huber-deltas 0.1,0.3]
+    python benchmarks/tv_data_term.py --one-mm        # the realistic phantom at 1 mm only (about 20 minutes)
 
 Cases: the realistic phantom at 2 mm (axial and B0 at 20 degrees) and 3 mm, SNR 100, and the simple phantom at
 3 mm, field SNR 200, as benchmark.py builds them. About 2 minutes on 2 CPU cores; run it alone.
@@ -25,6 +26,7 @@ from qsmdip.solvers.tv import TVSettings, solve_tv  # noqa: E402
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--huber-deltas", default="0.1", help="Huber switch points, relative to the field's RMS")
+    parser.add_argument("--one-mm", action="store_true", help="only the realistic phantom at 1 mm, axial")
     args = parser.parse_args(argv)
     terms = [{"data_term": "l2"}, {"data_term": "l1"}] + [
         {"data_term": "huber", "huber_delta": float(d)} for d in args.huber_deltas.split(",") if d.strip()]
@@ -35,6 +37,8 @@ def main(argv=None) -> None:
         "realistic 3 mm axial": lambda: make_realistic_phantom(None, (3.0,) * 3, snr=100, seed=0),
         "simple 3 mm axial": lambda: make_head_phantom(None, (3.0,) * 3, snr=200, seed=0),
     }
+    if args.one_mm:
+        cases = {"realistic 1 mm axial": lambda: make_realistic_phantom(None, (1.0,) * 3, snr=100, seed=0)}
     print("# TV-ADMM, weight by hold-out; NRMSE % / HFEN % / XSIM in the mask")
     for name, build in cases.items():
         ph = build()
