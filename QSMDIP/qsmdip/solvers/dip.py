@@ -113,7 +113,8 @@ class DIPSettings:
     base_alpha_factor: float = 1.5
     #: data term of the "tv" base (TVSettings.data_term): "l2" (default), "l1" or "huber". Huber gave a much
     #: better start on the realistic 2 mm phantom (DIP with the magnitude 15.33 % against 17.36, without it
-    #: 17.78 against 19.18; docs/dip-experiments.md), not yet measured at other sizes, so not the default
+    #: 17.78 against 19.18; docs/dip-experiments.md), and at 3 mm and 20 degrees, but without the magnitude HFEN
+    #: and XSIM got worse, the simple phantom lost and 1 mm is unmeasured, so it is not the default
     base_data_term: str = "l2"
     input_jitter: float = 0.0                  #: std of fresh noise added to the noise input each step (>= 0)
     #: decay of an exponential moving average of the iterates, returned instead of the last one and judged by
