@@ -256,7 +256,7 @@ def solve_single_step_tv(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm:
 
         iteration, reason, chi_box, _ = problem.run(state, alpha, mu1, float(tv_settings.mu2), int(settings.iterations),
                                                     problem.mask_pad, on_iteration, track_loss=False,
-                                                    data_term=settings.data_term, huber_delta=tv_settings.huber_delta)
+                                                    data_term=tv_settings.data_term, huber_delta=tv_settings.huber_delta)
         chi = crop.paste((chi_box * scale).cpu().numpy())
     chi = np.where(keep, chi, 0.0).astype(np.float32)
     chosen = {"alpha": alpha, "alpha_rule": rule, "radii_mm": list(radii), "data_term": settings.data_term,

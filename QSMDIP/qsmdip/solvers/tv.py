@@ -262,10 +262,11 @@ class _TVProblem:
                 target = d_chis[term] + u_terms[term]
                 if l1:  # where weight is 0 the threshold is 0 and v = target, as in the l2 update
                     residual = target - fields[term]
-                    shrunk = torch.clamp(residual.abs() - weights[term] / mu2, min=0.0)
+                    size = residual.abs()
+                    shrunk = torch.clamp(size - weights[term] / mu2, min=0.0)
                     step = torch.sign(residual) * shrunk
                     if delta > 0:  # Huber: the quadratic part's prox below its (continuous) switch point
-                        step = torch.where(residual.abs() <= delta + weights[term] / mu2,
+                        step = torch.where(size <= delta + weights[term] / mu2,
                                            residual / (1.0 + weights[term] / (delta * mu2)), step)
                     v_terms[term] = fields[term] + step
                 else:
