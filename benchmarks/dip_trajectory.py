@@ -101,7 +101,7 @@ def main() -> None:
               "tilt": args.tilt, "set": overrides,
               "returned": _three(all_metrics(result.chi_ppm, phantom.chi_ppm, phantom.mask)),
               "stop": result.stop_reason, "iterations": result.iterations, "seconds": round(result.elapsed_s, 1),
-              "device": result.device, "rows": rows}
+              "device": result.device, "chosen": result.chosen, "rows": rows}
     for decay in EMA_DECAYS:
         if averages[decay] is not None:
             record[f"ema{decay}_of_snapshots"] = _three(all_metrics(averages[decay], phantom.chi_ppm, phantom.mask))

@@ -71,7 +71,9 @@ def test_default_preset_is_the_measured_hybrid():
     s = PRESETS["default"]
     assert s == DIPSettings()
     # TV's penalty at the base's chosen alpha when no magnitude is used (half TV's own weight), none with one
-    assert (s.base, s.input, s.data_loss, s.regulariser, s.reg_weight) == ("tv", "noise", "l2", "auto", None)
+    assert (s.base, s.input, s.data_loss, s.regulariser, s.reg_weight) == ("tv", "noise", "huber", "auto", None)
+    # a Huber TV base and a Huber network loss, switching to linear at a tenth of the field's RMS
+    assert (s.base_data_term, s.huber_delta) == ("huber", 0.1)
     assert (s.iterations, s.learning_rate, s.betas, s.width, s.depth) == (200, 2e-3, (0.9, 0.999), 16, 3)
     assert s.decoder == "conv-first"  # the decoder's channel-halving blocks on the coarse grid: 1.45x faster
     # the returned map is the average of the iterates (EMA 0.9), and the hold-out rule (5 %, under the penalty
@@ -108,7 +110,7 @@ def test_penalty_weights_that_cannot_be_chosen_are_refused():
 @pytest.mark.parametrize("field, value", [
     ("iterations", 0), ("iterations", 2.5), ("learning_rate", -1.0), ("learning_rate", float("nan")),
     ("betas", (0.9,)), ("betas", (0.5, 1.0)), ("width", 0), ("depth", 0), ("input", "image"),
-    ("noise_channels", 0), ("data_loss", "huber"), ("regulariser", "l0"), ("reg_weight", -0.1),
+    ("noise_channels", 0), ("data_loss", "cauchy"), ("huber_delta", 0.0), ("regulariser", "l0"), ("reg_weight", -0.1),
     ("seed", -1), ("mixed_precision", "yes"), ("max_seconds", 0.0), ("pad_factor", 0.5),
     ("base", "tkd2"), ("base_iterations", 0), ("input_jitter", -1.0), ("ema", 1.0),
     ("input", "base"),  # with the default base replaced by none below
@@ -315,7 +317,8 @@ def test_holdout_rule_stops_before_the_noise_is_fitted(regulariser, resolved):
 
 def test_the_tv_penalty_takes_the_bases_alpha_and_auto_leaves_it_out_with_a_magnitude(tiny_case):
     """By default (``regulariser="auto"``) the penalty's weight is the alpha TV's search chose for the base, half
-    TV's own weight in this loss's units (2 alpha); it is dropped when a magnitude is used; the hold-out share
+    TV's own weight in this loss's units (2 alpha), in least-squares units (delta x alpha for the default
+    Huber base); it is dropped when a magnitude is used; the hold-out share
     is not switched off under it (that the rule then acts is the SNR 7 test above)."""
     chi, mask, field = tiny_case
     magnitude = np.where(mask, 1.0 + 0.5 * (chi > chi[mask].mean()), 0.0).astype(np.float32)
@@ -324,7 +327,8 @@ def test_the_tv_penalty_takes_the_bases_alpha_and_auto_leaves_it_out_with_a_magn
     without = solve_dip(field, mask, VOXEL_MM, settings=settings, device="cpu").chosen
     assert (with_mag["regulariser"], with_mag["reg_weight"], with_mag["holdout_fraction"]) == ("none", 0.0, 0.05)
     assert without["regulariser"] == "tv" and without["holdout_fraction"] == 0.05
-    assert without["reg_weight"] == pytest.approx(without["base_alpha_chosen"]) and without["reg_weight"] > 0
+    assert without["reg_weight"] == pytest.approx(without["base_huber_delta"] * without["base_alpha_chosen"])
+    assert without["reg_weight"] > 0
     given = solve_dip(field, mask, VOXEL_MM,
                       settings=dataclasses.replace(settings, reg_weight=0.5, holdout_fraction=0.1), device="cpu").chosen
     assert (given["regulariser"], given["reg_weight"], given["holdout_fraction"]) == ("tv", 0.5, 0.1)
@@ -434,7 +438,7 @@ def test_cpu_autocast_follows_the_hardware_and_keeps_the_result(tiny_case):
 
 
 def test_the_base_data_term_reaches_the_tv_base(tiny_case, monkeypatch):
-    """``base_data_term`` is the TV base's data term: the base solve is asked for it, l2 by default."""
+    """``base_data_term`` is the TV base's data term: the base solve is asked for it, Huber by default."""
     import qsmdip.solvers.tv as tv
 
     seen = []
@@ -446,6 +450,66 @@ def test_the_base_data_term_reaches_the_tv_base(tiny_case, monkeypatch):
 
     monkeypatch.setattr(tv, "solve_tv", recording)
     run_tiny(tiny_case, iterations=1, base="tv", base_iterations=3)
-    run_tiny(tiny_case, iterations=1, base="tv", base_iterations=3, base_data_term="huber")
-    assert seen == ["l2", "huber"]
+    run_tiny(tiny_case, iterations=1, base="tv", base_iterations=3, base_data_term="l2")
+    assert seen == ["huber", "l2"]
 
+
+
+def test_huber_loss_is_least_squares_below_delta_and_linear_beyond():
+    """r^2 where the noise lives, a straight line of the same slope past delta: continuous with its slope."""
+    import torch
+    from qsmdip.solvers.dip import _pointwise_loss
+
+    r = torch.tensor([-3.0, -0.1, 0.0, 0.05, 0.1, 0.2, 5.0], requires_grad=True)
+    loss = _pointwise_loss(r, "huber", 0.1)
+    np.testing.assert_allclose(loss.detach().numpy(), [0.59, 0.01, 0.0, 0.0025, 0.01, 0.03, 0.99], rtol=1e-5)
+    loss.sum().backward()
+    np.testing.assert_allclose(r.grad.numpy(), [-0.2, -0.2, 0.0, 0.1, 0.2, 0.2, 0.2], rtol=1e-5)
+    assert torch.equal(_pointwise_loss(r, "l2", 0.1), r.square())
+    assert torch.equal(_pointwise_loss(r, "l1", 0.1), r.abs())
+
+
+def test_a_huber_base_sets_the_penalty_at_its_least_squares_weight(tiny_case, monkeypatch):
+    """Huber TV's alpha is 1 / delta times least-squares TV's: the penalty takes delta x alpha, with the delta
+    the base used (the settings' own, raised to the noise where the field is that noisy)."""
+    import qsmdip.solvers.tv as tv
+    from qsmdip.solvers.dip import TV_PENALTY_PER_ALPHA
+
+    deltas = []
+    real = tv.solve_tv
+
+    def recording(*args, settings=None, **kwargs):
+        deltas.append(settings.huber_delta)
+        return real(*args, settings=settings, **kwargs)
+
+    monkeypatch.setattr(tv, "solve_tv", recording)
+    for delta in (0.1, 0.3):
+        result = run_tiny(tiny_case, iterations=1, base="tv", base_iterations=3, base_data_term="huber",
+                          huber_delta=delta)
+        chosen = result.chosen
+        assert chosen["regulariser"] == "tv" and chosen["base_huber_delta"] >= delta
+        assert chosen["base_huber_delta"] == pytest.approx(chosen["huber_delta"])  # the network's loss: the same
+        assert chosen["reg_weight"] == pytest.approx(
+            TV_PENALTY_PER_ALPHA * chosen["base_huber_delta"] * chosen["base_alpha_chosen"])
+    least_squares = run_tiny(tiny_case, iterations=1, base="tv", base_iterations=3, base_data_term="l2").chosen
+    assert least_squares["reg_weight"] == pytest.approx(TV_PENALTY_PER_ALPHA * least_squares["base_alpha_chosen"])
+    assert "base_huber_delta" not in least_squares
+    assert deltas == [0.1, 0.3, 0.1]
+
+
+def test_a_huber_loss_discounts_grossly_wrong_voxels():
+    """A few voxels whose field is far off (a bleed's dephased phase, say) pull a least-squares fit towards
+    them; the Huber loss fits the rest and leaves them. Same network, same steps, no base, no penalty."""
+    chi, mask, field = ellipsoid_phantom((20, 22, 18), noise_ppm=0.0002)
+    rng = np.random.default_rng(5)
+    inside = np.flatnonzero(mask)
+    wrong = rng.choice(inside, size=inside.size // 50, replace=False)
+    corrupted = field.copy()
+    corrupted.flat[wrong] += rng.choice([-1.0, 1.0], size=wrong.size) * 8 * np.abs(field[mask]).max()
+    scores = {}
+    for loss in ("l2", "huber"):
+        settings = dip_settings("default", width=8, depth=2, iterations=80, base="none", regulariser="none",
+                                holdout_fraction=0.0, data_loss=loss, mixed_precision=False)
+        result = solve_dip(corrupted, mask, VOXEL_MM, settings=settings, device="cpu")
+        scores[loss] = nrmse(result.chi_ppm, chi, mask)
+    assert scores["huber"] < 0.6 * scores["l2"], scores

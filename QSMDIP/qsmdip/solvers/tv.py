@@ -41,6 +41,7 @@ from ..geometry import SUPERIOR, check_voxel_size
 from ..kernel import laplacian_kernel
 from ..operator import DipoleOperator
 from .base import Callback, check_magnitude, Progress, SolveResult, Stopwatch, check_inputs, crop_to_mask
+from .noise import huber_switch
 
 _DIMS = (-3, -2, -1)
 #: default ADMM penalty of the gradient splitting per unit of alpha (normalised field; see TVSettings.mu1)
@@ -91,7 +92,9 @@ class TVSettings:
             and the grossly wrong voxels are still discounted (single-step TV's default; hold-out scored as
             with "l1"; ``docs/phase-pipeline.md``, "A Huber data term").
         huber_delta: where the "huber" data term turns from quadratic to linear, relative to the field's RMS
-            in the mask (> 0; the field is normalised by that RMS, so the threshold is scale-free).
+            in the mask (> 0; the field is normalised by that RMS, so the threshold is scale-free). It is
+            raised to 1.345 noise standard deviations where the field is that noisy (``noise.huber_switch``),
+            so noise is never treated as outliers; ``result.chosen['huber_delta']`` is the value used.
         final_start: where the final solve after an automatic choice starts: "warm" (from the chosen
             candidate's ADMM state; default) or "cold" (from zero, as a solve at a given weight does). Warm
             gets nearer TV's minimiser; cold stops on the way there, which smooths the map further and can
@@ -302,13 +305,16 @@ class WeightChoice:
 
 def choose_alpha(problem: _TVProblem, settings: TVSettings, device: torch.device,
                  on_candidate: Optional[Callable[[float, torch.Tensor], None]] = None,
-                 cancelled: Optional[Callable[[], bool]] = None) -> Tuple[WeightChoice, Optional[_State]]:
+                 cancelled: Optional[Callable[[], bool]] = None,
+                 huber_delta: Optional[float] = None) -> Tuple[WeightChoice, Optional[_State]]:
     """Pick alpha by hold-out cross-validation down ``settings.alpha_grid`` (see the module docstring).
 
     Returns the choice and the ADMM state of the best candidate (a warm start for the final solve).
     ``on_candidate(alpha, chi_box)`` sees each candidate's map (benchmarks score it; the rule does not);
     ``cancelled()`` is asked at every iteration (time limit, cancel) and ends the search with what it has.
+    ``huber_delta`` overrides the settings' switch point (the solver passes the one it raised to the noise).
     """
+    delta = float(settings.huber_delta if huber_delta is None else huber_delta)
     generator = torch.Generator(device="cpu").manual_seed(int(settings.seed))
     pick = torch.rand(tuple(problem.mask_box.shape), generator=generator).to(device) < settings.holdout_fraction
     held_box = (pick & (problem.mask_box > 0)).float()
@@ -336,7 +342,7 @@ def choose_alpha(problem: _TVProblem, settings: TVSettings, device: torch.device
         budget = int(settings.iterations) if index == 0 else int(settings.cv_iterations)
         _, _, chi_box, d_chi = problem.run(state, alpha, settings.gradient_penalty(alpha), float(settings.mu2),
                                             budget, fit_weight, until_converged, track_loss=False,
-                                            data_term=settings.data_term, huber_delta=settings.huber_delta)
+                                            data_term=settings.data_term, huber_delta=delta)
         residual = held * problem.mask_pad * (d_chi - problem.field_pad)
         score = float(torch.sum(residual.abs() if settings.data_term != "l2" else residual ** 2) / n_held)
         scores.append(score)
@@ -391,6 +397,9 @@ def solve_tv(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[fl
     mu2 = float(settings.mu2)
     max_iterations = int(settings.iterations)
     chosen = {}
+    huber_delta = float(settings.huber_delta)
+    if settings.data_term == "huber":
+        huber_delta = huber_switch(settings.huber_delta, crop.field_ppm, crop.mask, scale)
 
     with torch.no_grad():
         problem = _TVProblem(crop.field_ppm / scale, crop.mask, voxel_size_mm, b0_dir, settings.pad_factor,
@@ -406,7 +415,7 @@ def solve_tv(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[fl
                     cancelled = bool(callback(Progress(0, max_iterations, math.nan, watch.elapsed_s, preview)))
 
             choice, state = choose_alpha(problem, settings, torch_device, on_candidate=show_candidate,
-                                         cancelled=lambda: cancelled or watch.expired())
+                                         cancelled=lambda: cancelled or watch.expired(), huber_delta=huber_delta)
             if settings.final_start == "cold":
                 state = None
             alpha = _final_alpha(choice.chosen, settings)
@@ -417,6 +426,8 @@ def solve_tv(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[fl
         else:
             alpha = float(settings.alpha)
             chosen = {"alpha": alpha, "alpha_rule": "given"}
+        if settings.data_term == "huber":
+            chosen["huber_delta"] = huber_delta
         mu1 = settings.gradient_penalty(alpha)
         if state is None:
             state = problem.initial_state(mu1)
@@ -445,7 +456,7 @@ def solve_tv(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[fl
         if not cancelled:
             iteration, reason, _, _ = problem.run(state, alpha, mu1, mu2, max_iterations, problem.mask_pad,
                                                   on_iteration, data_term=settings.data_term,
-                                                  huber_delta=settings.huber_delta)
+                                                  huber_delta=huber_delta)
             last["reason"] = reason or "completed"
         chi_full = crop.paste((last["chi"] * scale).cpu().numpy())
 
