@@ -5,6 +5,8 @@ with the hold-out on"):
 
     python benchmarks/dip_noisy_ellipsoids.py > docs/results/dip-noisy-ellipsoids.log
 
+(docs/results/dip-noisy-ellipsoids-huber.log: the same with the Huber default of 2026-12-05, thirteenth session)
+
 noise 0.001 ppm is the SNR 7 case of tests/test_dip.py (100 iterations), 0.0002 ppm the low-noise case
 (120 iterations). The truth scores the maps only. Seconds are wall time: run it alone.
 """
