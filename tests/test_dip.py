@@ -243,8 +243,10 @@ def test_input_modes_losses_and_options_run(tiny_case, overrides):
 def test_tv_base_is_the_start_streams_as_iteration_zero_and_can_be_cancelled(tiny_case):
     chi, mask, field = tiny_case
     settings = dip_settings("default", width=4, depth=2, iterations=4, base_iterations=8)
-    # the base is the library's TV with the automatic weight times the preset's factor (a smoother start)
-    tv = solve_tv(field, mask, VOXEL_MM, settings=TVSettings(iterations=8, alpha_factor=settings.base_alpha_factor),
+    # the base is the library's TV (Huber data term) with the automatic weight times the preset's factor (a
+    # smoother start)
+    tv = solve_tv(field, mask, VOXEL_MM, settings=TVSettings(iterations=8, alpha_factor=settings.base_alpha_factor,
+                                                             data_term="huber", huber_delta=settings.huber_delta),
                   device="cpu")
     seen = []
     r = solve_dip(field, mask, VOXEL_MM, settings=settings, callback=seen.append, callback_every=2, device="cpu")
