@@ -93,7 +93,9 @@ class DIPSettings:
     #: "huber" (default: r^2 up to huber_delta, then linear: the noise is fitted by least squares and a few
     #: grossly wrong voxels, such as a bleed's dephased phase, count less), "l1" (mean |r|) or "l2" (mean r^2).
     #: With the Huber base, realistic 2 mm: 16.13 % without the magnitude and 14.76 with it, against 19.18 and
-    #: 17.36 for l2 on the l2 base (docs/dip-experiments.md, "A Huber loss for the network")
+    #: 17.36 for l2 on the l2 base (docs/dip-experiments.md, "A Huber loss for the network"). On a local field
+    #: with background-removal error (the phase pipeline's) it is worse: 71 against 57 % for l2 on the Huber base,
+    #: both behind TV (docs/phase-pipeline.md, "DIP from the phase")
     data_loss: str = "huber"
     #: where the "huber" loss, and the TV base's "huber" data term, turn linear, relative to the field's RMS in
     #: the mask (> 0); raised to 1.345 noise standard deviations where the field is that noisy (noise.py)
