@@ -439,22 +439,27 @@ def test_cpu_autocast_follows_the_hardware_and_keeps_the_result(tiny_case):
     assert abs(nrmse(fast.chi_ppm, chi, mask) - nrmse(exact.chi_ppm, chi, mask)) < 1.0
 
 
-def test_the_base_data_term_reaches_the_tv_base(tiny_case, monkeypatch):
-    """``base_data_term`` is the TV base's data term: the base solve is asked for it, Huber by default."""
+@pytest.fixture
+def tv_base_settings(monkeypatch):
+    """The TVSettings each TV base solve is asked for, in order (the real solver still runs)."""
     import qsmdip.solvers.tv as tv
 
     seen = []
     real = tv.solve_tv
 
     def recording(*args, settings=None, **kwargs):
-        seen.append(settings.data_term)
+        seen.append(settings)
         return real(*args, settings=settings, **kwargs)
 
     monkeypatch.setattr(tv, "solve_tv", recording)
+    return seen
+
+
+def test_the_base_data_term_reaches_the_tv_base(tiny_case, tv_base_settings):
+    """``base_data_term`` is the TV base's data term: the base solve is asked for it, Huber by default."""
     run_tiny(tiny_case, iterations=1, base="tv", base_iterations=3)
     run_tiny(tiny_case, iterations=1, base="tv", base_iterations=3, base_data_term="l2")
-    assert seen == ["huber", "l2"]
-
+    assert [s.data_term for s in tv_base_settings] == ["huber", "l2"]
 
 
 def test_huber_loss_is_least_squares_below_delta_and_linear_beyond():
@@ -471,20 +476,11 @@ def test_huber_loss_is_least_squares_below_delta_and_linear_beyond():
     assert torch.equal(_pointwise_loss(r, "l1", 0.1), r.abs())
 
 
-def test_a_huber_base_sets_the_penalty_at_its_least_squares_weight(tiny_case, monkeypatch):
+def test_a_huber_base_sets_the_penalty_at_its_least_squares_weight(tiny_case, tv_base_settings):
     """Huber TV's alpha is 1 / delta times least-squares TV's: the penalty takes delta x alpha, with the delta
     the base used (the settings' own, raised to the noise where the field is that noisy)."""
-    import qsmdip.solvers.tv as tv
     from qsmdip.solvers.dip import TV_PENALTY_PER_ALPHA
 
-    deltas = []
-    real = tv.solve_tv
-
-    def recording(*args, settings=None, **kwargs):
-        deltas.append(settings.huber_delta)
-        return real(*args, settings=settings, **kwargs)
-
-    monkeypatch.setattr(tv, "solve_tv", recording)
     for delta in (0.1, 0.3):
         result = run_tiny(tiny_case, iterations=1, base="tv", base_iterations=3, base_data_term="huber",
                           huber_delta=delta)
@@ -496,7 +492,7 @@ def test_a_huber_base_sets_the_penalty_at_its_least_squares_weight(tiny_case, mo
     least_squares = run_tiny(tiny_case, iterations=1, base="tv", base_iterations=3, base_data_term="l2").chosen
     assert least_squares["reg_weight"] == pytest.approx(TV_PENALTY_PER_ALPHA * least_squares["base_alpha_chosen"])
     assert "base_huber_delta" not in least_squares
-    assert deltas == [0.1, 0.3, 0.1]
+    assert [s.huber_delta for s in tv_base_settings] == [0.1, 0.3, 0.1]
 
 
 def test_a_huber_loss_discounts_grossly_wrong_voxels():

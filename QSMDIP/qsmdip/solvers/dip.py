@@ -495,10 +495,12 @@ def solve_dip(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[f
 
     delta = 0.0
     if settings.data_loss == "huber":
-        # the switch point in the fitted field's units, raised to the noise as TV's is (noise.huber_switch)
-        delta = huber_switch(settings.huber_delta, crop.field_ppm, crop.mask, crop.field_scale()) * \
-            (1.0 if settings.normalise else crop.field_scale())
-        chosen["huber_delta"] = delta / (1.0 if settings.normalise else crop.field_scale())
+        # the switch point relative to the field's RMS, raised to the noise as TV's is (the Huber base already
+        # did it on the same crop), then in the fitted field's units
+        relative = base_delta if base_delta is not None else \
+            huber_switch(settings.huber_delta, crop.field_ppm, crop.mask, crop.field_scale())
+        chosen["huber_delta"] = relative
+        delta = relative * (1.0 if settings.normalise else crop.field_scale())
 
     def data_misfit(residual: torch.Tensor) -> torch.Tensor:
         return _pointwise_loss(residual, settings.data_loss, delta)

@@ -27,6 +27,7 @@ log alpha). The final map is then solved with all voxels, starting from that can
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 import logging
 import math
@@ -305,16 +306,13 @@ class WeightChoice:
 
 def choose_alpha(problem: _TVProblem, settings: TVSettings, device: torch.device,
                  on_candidate: Optional[Callable[[float, torch.Tensor], None]] = None,
-                 cancelled: Optional[Callable[[], bool]] = None,
-                 huber_delta: Optional[float] = None) -> Tuple[WeightChoice, Optional[_State]]:
+                 cancelled: Optional[Callable[[], bool]] = None) -> Tuple[WeightChoice, Optional[_State]]:
     """Pick alpha by hold-out cross-validation down ``settings.alpha_grid`` (see the module docstring).
 
     Returns the choice and the ADMM state of the best candidate (a warm start for the final solve).
     ``on_candidate(alpha, chi_box)`` sees each candidate's map (benchmarks score it; the rule does not);
     ``cancelled()`` is asked at every iteration (time limit, cancel) and ends the search with what it has.
-    ``huber_delta`` overrides the settings' switch point (the solver passes the one it raised to the noise).
     """
-    delta = float(settings.huber_delta if huber_delta is None else huber_delta)
     generator = torch.Generator(device="cpu").manual_seed(int(settings.seed))
     pick = torch.rand(tuple(problem.mask_box.shape), generator=generator).to(device) < settings.holdout_fraction
     held_box = (pick & (problem.mask_box > 0)).float()
@@ -342,7 +340,7 @@ def choose_alpha(problem: _TVProblem, settings: TVSettings, device: torch.device
         budget = int(settings.iterations) if index == 0 else int(settings.cv_iterations)
         _, _, chi_box, d_chi = problem.run(state, alpha, settings.gradient_penalty(alpha), float(settings.mu2),
                                             budget, fit_weight, until_converged, track_loss=False,
-                                            data_term=settings.data_term, huber_delta=delta)
+                                            data_term=settings.data_term, huber_delta=settings.huber_delta)
         residual = held * problem.mask_pad * (d_chi - problem.field_pad)
         score = float(torch.sum(residual.abs() if settings.data_term != "l2" else residual ** 2) / n_held)
         scores.append(score)
@@ -397,9 +395,9 @@ def solve_tv(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[fl
     mu2 = float(settings.mu2)
     max_iterations = int(settings.iterations)
     chosen = {}
-    huber_delta = float(settings.huber_delta)
-    if settings.data_term == "huber":
-        huber_delta = huber_switch(settings.huber_delta, crop.field_ppm, crop.mask, scale)
+    if settings.data_term == "huber":  # the switch point, raised to the noise, for the search and the solve
+        settings = dataclasses.replace(settings,
+                                       huber_delta=huber_switch(settings.huber_delta, crop.field_ppm, crop.mask, scale))
 
     with torch.no_grad():
         problem = _TVProblem(crop.field_ppm / scale, crop.mask, voxel_size_mm, b0_dir, settings.pad_factor,
@@ -415,7 +413,7 @@ def solve_tv(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[fl
                     cancelled = bool(callback(Progress(0, max_iterations, math.nan, watch.elapsed_s, preview)))
 
             choice, state = choose_alpha(problem, settings, torch_device, on_candidate=show_candidate,
-                                         cancelled=lambda: cancelled or watch.expired(), huber_delta=huber_delta)
+                                         cancelled=lambda: cancelled or watch.expired())
             if settings.final_start == "cold":
                 state = None
             alpha = _final_alpha(choice.chosen, settings)
@@ -427,7 +425,7 @@ def solve_tv(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[fl
             alpha = float(settings.alpha)
             chosen = {"alpha": alpha, "alpha_rule": "given"}
         if settings.data_term == "huber":
-            chosen["huber_delta"] = huber_delta
+            chosen["huber_delta"] = settings.huber_delta
         mu1 = settings.gradient_penalty(alpha)
         if state is None:
             state = problem.initial_state(mu1)
@@ -456,7 +454,7 @@ def solve_tv(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[fl
         if not cancelled:
             iteration, reason, _, _ = problem.run(state, alpha, mu1, mu2, max_iterations, problem.mask_pad,
                                                   on_iteration, data_term=settings.data_term,
-                                                  huber_delta=huber_delta)
+                                                  huber_delta=settings.huber_delta)
             last["reason"] = reason or "completed"
         chi_full = crop.paste((last["chi"] * scale).cpu().numpy())
 
