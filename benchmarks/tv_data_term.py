@@ -3,6 +3,8 @@ by the hold-out rule. The record behind docs/dip-experiments.md ("A Huber data t
 
     python benchmarks/tv_data_term.py [--huber-deltas 0.1,0.3]
     python benchmarks/tv_data_term.py --one-mm        # the realistic phantom at 1 mm only (about 20 minutes)
+    python benchmarks/tv_data_term.py --one-mm --tilt 20 --terms huber --alphas 0.071,0.1,0.14,0.2
+                                                      # fixed weights, cold start: the oracle sweep at 1 mm
 
 Cases: the realistic phantom at 2 mm (axial and B0 at 20 degrees) and 3 mm, SNR 100, and the simple phantom at
 3 mm, field SNR 200, as benchmark.py builds them. About 2 minutes on 2 CPU cores; run it alone.
@@ -28,6 +30,9 @@ def main(argv=None) -> None:
     parser.add_argument("--huber-deltas", default="0.1", help="Huber switch points, relative to the field's RMS")
     parser.add_argument("--one-mm", action="store_true", help="only the realistic phantom at 1 mm, axial")
     parser.add_argument("--terms", default="l2,l1,huber", help="data terms to run (comma-separated)")
+    parser.add_argument("--alphas", default="", help="fixed weights to solve at instead of the hold-out choice "
+                        "(comma-separated; each solve starts cold, as a given weight does)")
+    parser.add_argument("--tilt", type=float, default=0.0, help="B0 tilt in degrees for --one-mm")
     args = parser.parse_args(argv)
     wanted = [t.strip() for t in args.terms.split(",") if t.strip()]
     terms = [{"data_term": t} for t in ("l2", "l1") if t in wanted] + [
@@ -41,8 +46,13 @@ def main(argv=None) -> None:
         "simple 3 mm axial": lambda: make_head_phantom(None, (3.0,) * 3, snr=200, seed=0),
     }
     if args.one_mm:
-        cases = {"realistic 1 mm axial": lambda: make_realistic_phantom(None, (1.0,) * 3, snr=100, seed=0)}
-    print("# TV-ADMM, weight by hold-out; NRMSE % / HFEN % / XSIM in the mask")
+        cases = {f"realistic 1 mm, {args.tilt:g} deg": lambda: make_realistic_phantom(
+            None, (1.0,) * 3, snr=100, seed=0, b0_dir=b0_tilted_about_i(args.tilt))}
+    alphas = [float(a) for a in args.alphas.split(",") if a.strip()]
+    if alphas:
+        terms = [dict(term, alpha=alpha) for term in terms for alpha in alphas]
+    print("# TV-ADMM, weight " + ("fixed, cold start" if alphas else "by hold-out") +
+          "; NRMSE % / HFEN % / XSIM in the mask")
     for name, build in cases.items():
         ph = build()
         for term in terms:

@@ -207,6 +207,7 @@ def test_cohort_outputs_sidecars_failure_and_skip_on_rerun(dataset, tmp_path, ca
 
     code = cli.main(["batch", str(data), "--out", str(out), "--method", "tkd", "--workers", "2", "--no-progress"])
     assert code == 1  # one subject failed; the others are done
+    assert "qsmdip batch: note: tkd inverts the pipeline's local field" in capsys.readouterr().err
     rows = summary(out)
     assert [rows[p]["status"] for p in PREFIXES] == ["done"] * 3
     assert rows["sub-04"]["status"] == "failed" and "sub-04_echo-2_part-phase_MEGRE" in rows["sub-04"]["error"]

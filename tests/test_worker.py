@@ -223,6 +223,8 @@ def test_phase_job_goes_on_into_the_reconstruction(gre, tmp_path):
     events = [m["event"] for m in msgs]
     assert events[:8] == ["stage"] * 7 + ["started"] and events[-1] == "done"
     assert all(m["volumes"] == {} for m in msgs[:7])   # no stage_dir: nothing written for display
+    # tkd inverts the local field: the panel is told that single-step TV measured best from the phase
+    assert any(w.startswith("tkd inverts the pipeline's local field") for w in msgs[7]["warnings"]), msgs[7]
     done = msgs[-1]
     assert done["path"] == str(tmp_path / "qsm.nrrd") and qio.read_volume(done["path"]).same_geometry(gre["grid"])
     assert done["field_outputs"] == {"local_field": str(tmp_path / "field.nrrd")}

@@ -117,12 +117,17 @@ def batch_request(args: argparse.Namespace):
 def cmd_batch(args: argparse.Namespace) -> int:
     from .batch.engine import exit_code, plan_batch, run_batch
 
+    from .solvers import from_phase_note
+
     request = batch_request(args)
     plan = plan_batch(request)
     total = len(plan.acquisitions)
     print(f"qsmdip batch: {total} acquisition(s): {len(plan.to_run)} to run, {len(plan.skipped)} skipped (outputs "
           f"current), {len(plan.conflicts)} refused (outputs from other settings); configuration {plan.config_hash}",
           file=sys.stderr)
+    note = from_phase_note(request.method) if request.kind == "bids" else None
+    if note:
+        print(f"qsmdip batch: note: {note}", file=sys.stderr)
     if args.dry_run:
         for acq in plan.acquisitions:
             state = ("run (" + plan.reasons[acq.prefix] + ")" if acq in plan.to_run

@@ -140,11 +140,16 @@ def reconstruct_from_phase(args: argparse.Namespace, request, run: Callable[[Any
     (:func:`~qsmdip.field_runner.run_field_and_reconstruction`: the echoes' root sum of squares is the prior,
     and --out-field, --out-mask and --total-field are written only after the QSM)."""
     from .field_runner import FieldListener, run_field_and_reconstruction
+    from .solvers import from_phase_note
 
     printer = StagePrinter(args.command)
+    note = from_phase_note(request.method)
 
     class Listener(FieldListener):
-        stage = staticmethod(printer.stage)
+        def stage(self, report: Any, count: int, volumes: Dict[str, str]) -> None:
+            printer.stage(report, count, volumes)
+            if note and report.index + 1 == count:  # the field is made: say it before the inversion starts
+                print(f"{args.command}: note: {note}", file=sys.stderr)
 
     keep = {"local field": args.out_field, "mask": args.out_mask, "total field": args.total_field}
     field, result = run_field_and_reconstruction(field_request(args, "", "", None), request,

@@ -22,8 +22,8 @@ _REGISTRY = {
 }
 METHODS = tuple(_REGISTRY)
 #: the default method for a local field, and from the phase: single-step TV inverts the total field, which
-#: measured better than any method on PDF's local field (realistic 2 mm head: 28.5 % NRMSE with its default
-#: radii, 34.3 % with one, against 52.0 % for TV and 60.1 % for DIP with the magnitude; docs/phase-pipeline.md)
+#: measured better than any method on PDF's local field (realistic 2 mm head: 28.0 % NRMSE with its default
+#: radii and Huber term, against 52.0 % for TV and 71.0 % for DIP with the magnitude; docs/phase-pipeline.md)
 DEFAULT_METHOD = "dip"
 DEFAULT_METHOD_FROM_PHASE = "single-step-tv"
 #: methods that remove the background themselves: from the phase they are handed the total field, not the
@@ -35,6 +35,18 @@ def default_method(from_phase: bool) -> str:
     """The method when none is asked for: single-step TV from the phase, DIP from a local field (the command
     line, ``qsmdip batch`` and the Slicer panel all ask this)."""
     return DEFAULT_METHOD_FROM_PHASE if from_phase else DEFAULT_METHOD
+
+
+def from_phase_note(method: str) -> Optional[str]:
+    """A note for a method picked from the phase that inverts the pipeline's local field: its background-removal
+    error is structured, and no method measured near single-step TV on it (docs/phase-pipeline.md). None for
+    the methods that take the total field."""
+    method = str(method).strip().lower()
+    if method in TOTAL_FIELD_METHODS:
+        return None
+    return (f"{method} inverts the pipeline's local field, whose background-removal error it cannot tell from "
+            f"tissue; from the phase {DEFAULT_METHOD_FROM_PHASE} measured best (realistic 2 mm head: 28 % NRMSE "
+            f"against 52 % for TV and 71 % for DIP; docs/phase-pipeline.md)")
 
 
 def _module(method: str):
