@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 import pickle
 
+from typing import Optional
+
 from qsmdip.geometry import b0_tilted_about_i
+from qsmdip.phase.pipeline import FieldResult, PipelineSettings, phase_to_local_field
 from qsmdip.realistic_acquisition import RealisticAcquisition, make_realistic_acquisition
 
 
@@ -40,3 +43,10 @@ def acquisition_from_args(args: argparse.Namespace) -> RealisticAcquisition:
             return pickle.load(handle)
     return make_realistic_acquisition(voxel_size_mm=(args.voxel_size,) * 3,
                                       b0_dir=b0_tilted_about_i(args.b0_tilt_deg), snr=args.snr)
+
+
+def run_pipeline(acq: RealisticAcquisition, settings: Optional[PipelineSettings] = None) -> FieldResult:
+    """The phase pipeline on the acquisition's own echoes, echo times, B0 and geometry (default settings unless
+    given)."""
+    return phase_to_local_field(acq.phase_rad, acq.magnitude, acq.echo_times_s, acq.b0_tesla, acq.voxel_size_mm,
+                                b0_dir=acq.b0_dir, settings=settings)

@@ -25,9 +25,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 from qsmdip.metrics import nrmse  # noqa: E402
 from qsmdip.phase.background import remove_background_pdf, remove_background_vsharp  # noqa: E402
-from qsmdip.phase.pipeline import phase_to_local_field  # noqa: E402
 from qsmdip.realistic_acquisition import true_local_field  # noqa: E402
-from acquisition_args import acquisition_from_args, add_acquisition_arguments  # noqa: E402
+from acquisition_args import acquisition_from_args, add_acquisition_arguments, run_pipeline  # noqa: E402
 from qsmdip.solvers import get_solver  # noqa: E402
 
 DEPTHS_MM = (0, 4, 8, 12, 16)
@@ -44,7 +43,7 @@ def main(argv=None) -> None:
     def tv(field, mask):
         return get_solver("tv")(field, mask, vs, b0_dir=b0).chi_ppm
 
-    pipeline = phase_to_local_field(acq.phase_rad, acq.magnitude, acq.echo_times_s, acq.b0_tesla, vs, b0_dir=b0)
+    pipeline = run_pipeline(acq)
     eroded = scipy.ndimage.binary_erosion(acq.brain_mask)
     sources = {"local only": (eroded, true_local_field(acq, eroded)),
                "true": (eroded, None),

@@ -27,10 +27,9 @@ import numpy as np
 import scipy.ndimage
 import torch
 
-from acquisition_args import acquisition_from_args, add_acquisition_arguments
+from acquisition_args import acquisition_from_args, add_acquisition_arguments, run_pipeline
 from qsmdip.metrics import nrmse
 from qsmdip.phase.background import PDFSettings, VSharpSettings, remove_background_pdf, remove_background_vsharp
-from qsmdip.phase.pipeline import phase_to_local_field
 from qsmdip.phase.single_step import single_step_tv
 from qsmdip.realistic_acquisition import true_local_field
 from qsmdip.solvers import get_solver
@@ -58,8 +57,7 @@ def run(acq, source: str, methods, out=print) -> list:
         pipeline_s = math.nan
     else:
         t = time.perf_counter()
-        res = phase_to_local_field(acq.phase_rad, acq.magnitude, acq.echo_times_s, acq.b0_tesla,
-                                   acq.voxel_size_mm, b0_dir=acq.b0_dir)
+        res = run_pipeline(acq)
         pipeline_s = time.perf_counter() - t
         mask, total = res.field_mask, res.total_field_ppm
         out(f"# pipeline total field: {pipeline_s:.1f} s, field mask {int(mask.sum())} voxels "

@@ -27,9 +27,8 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "QSMDIP"))
 
 from qsmdip.metrics import hfen, nrmse, xsim  # noqa: E402
-from qsmdip.phase.pipeline import phase_to_local_field  # noqa: E402
 from qsmdip.realistic_acquisition import true_local_field  # noqa: E402
-from acquisition_args import acquisition_from_args, add_acquisition_arguments  # noqa: E402
+from acquisition_args import acquisition_from_args, add_acquisition_arguments, run_pipeline  # noqa: E402
 from qsmdip.solvers import get_solver, make_settings  # noqa: E402
 
 
@@ -69,7 +68,7 @@ def main(argv=None) -> None:
         parser.error(f"unknown run(s) {', '.join(unknown)}: use {', '.join(RUNS)}")
     acq = acquisition_from_args(args)
     vs, b0 = acq.voxel_size_mm, acq.b0_dir
-    pipe = phase_to_local_field(acq.phase_rad, acq.magnitude, acq.echo_times_s, acq.b0_tesla, vs, b0_dir=b0)
+    pipe = run_pipeline(acq)
     mask = pipe.mask
     runs = {
         "dip": lambda: get_solver("dip")(pipe.local_field_ppm, mask, vs, b0_dir=b0, settings=make_settings("dip"),

@@ -23,10 +23,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 from qsmdip.metrics import nrmse  # noqa: E402
 from qsmdip.phantom import LABEL  # noqa: E402
-from qsmdip.phase.pipeline import phase_to_local_field  # noqa: E402
 from qsmdip.realistic_acquisition import true_local_field  # noqa: E402
 from qsmdip.solvers import get_solver  # noqa: E402
-from acquisition_args import acquisition_from_args, add_acquisition_arguments  # noqa: E402
+from acquisition_args import acquisition_from_args, add_acquisition_arguments, run_pipeline  # noqa: E402
 from dip_from_phase import oracle_local_field  # noqa: E402
 
 
@@ -36,7 +35,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     acq = acquisition_from_args(args)
     vs, b0 = acq.voxel_size_mm, acq.b0_dir
-    pipe = phase_to_local_field(acq.phase_rad, acq.magnitude, acq.echo_times_s, acq.b0_tesla, vs, b0_dir=b0)
+    pipe = run_pipeline(acq)
     mask = pipe.mask
     true_local = true_local_field(acq, mask)
     with_error = oracle_local_field(acq, pipe.total_field_ppm, mask)

@@ -28,10 +28,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "QSMDIP"))
 
 from qsmdip.metrics import all_metrics, nrmse  # noqa: E402
-from qsmdip.phase.pipeline import TEXTBOOK, PipelineSettings, phase_to_local_field  # noqa: E402
+from qsmdip.phase.pipeline import TEXTBOOK, PipelineSettings  # noqa: E402
 from qsmdip.phase.single_step import single_step_tv  # noqa: E402
 from qsmdip.realistic_acquisition import make_realistic_acquisition, true_local_field  # noqa: E402
 from qsmdip.solvers import get_solver  # noqa: E402
+from acquisition_args import run_pipeline  # noqa: E402
 
 CHAINS = {
     "textbook (Laplacian, linear fit, V-SHARP)": dict(**TEXTBOOK, refine_mask=False, mask_erosion_voxels=0),
@@ -56,8 +57,7 @@ def run_case(voxel: float, tilt: float, snr: float, with_qsm: bool, single_step_
     tv = get_solver("tv")
     for name, settings in CHAINS.items():
         started = time.perf_counter()
-        result = phase_to_local_field(acq.phase_rad, acq.magnitude, acq.echo_times_s, acq.b0_tesla, acq.voxel_size_mm,
-                                      b0_dir=acq.b0_dir, settings=PipelineSettings(**settings))
+        result = run_pipeline(acq, PipelineSettings(**settings))
         seconds = time.perf_counter() - started
         truth = true_local_field(acq, result.mask)
         row = {

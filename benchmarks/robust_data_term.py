@@ -30,10 +30,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 from qsmdip.metrics import nrmse, xsim  # noqa: E402
 from qsmdip.phase.background import remove_background_smv, remove_background_vsharp  # noqa: E402
-from qsmdip.phase.pipeline import phase_to_local_field  # noqa: E402
 from qsmdip.phase.single_step import single_step_tv  # noqa: E402
 from qsmdip.realistic_acquisition import true_local_field  # noqa: E402
-from acquisition_args import acquisition_from_args, add_acquisition_arguments  # noqa: E402
+from acquisition_args import acquisition_from_args, add_acquisition_arguments, run_pipeline  # noqa: E402
 from qsmdip.solvers import get_solver  # noqa: E402
 
 
@@ -48,7 +47,7 @@ def main(argv=None) -> None:
     acq = acquisition_from_args(args)
     vs, b0 = acq.voxel_size_mm, acq.b0_dir
     tv = get_solver("tv")
-    pipe = phase_to_local_field(acq.phase_rad, acq.magnitude, acq.echo_times_s, acq.b0_tesla, vs, b0_dir=b0)
+    pipe = run_pipeline(acq)
     field_mask = pipe.field_mask
     exact_total = np.where(field_mask, acq.total_field_ppm, 0.0)
     print(f"# voxel {vs} mm, B0 {tuple(round(float(b), 3) for b in b0)}, SNR {acq.snr}", flush=True)

@@ -18,9 +18,9 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "QSMDIP"))
 
 from qsmdip.metrics import hfen, nrmse, xsim  # noqa: E402
-from qsmdip.phase.pipeline import phase_to_local_field  # noqa: E402
 from qsmdip.phase.single_step import single_step_tv  # noqa: E402
 from qsmdip.realistic_acquisition import make_realistic_acquisition  # noqa: E402
+from acquisition_args import run_pipeline  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -30,8 +30,7 @@ def main(argv=None) -> None:
     parser.add_argument("--alpha", type=float, default=None, help="fixed TV weight (default: the hold-out rule)")
     args = parser.parse_args(argv)
     acq = make_realistic_acquisition(voxel_size_mm=(args.voxel_size,) * 3, snr=100.0, seed=2)
-    pipe = phase_to_local_field(acq.phase_rad, acq.magnitude, acq.echo_times_s, acq.b0_tesla, acq.voxel_size_mm,
-                                b0_dir=acq.b0_dir)
+    pipe = run_pipeline(acq)
     print(f"# {args.voxel_size:g} mm, SNR 100, seed 2; weight {args.alpha or 'by hold-out'}; "
           "NRMSE % / HFEN % / XSIM in the pipeline's mask")
     for text in args.radii.split(";"):
