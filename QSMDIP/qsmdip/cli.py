@@ -1,4 +1,4 @@
-"""The ``qsmdip`` command line: phantom, field, reconstruct, evaluate, export-dicom, demo.
+"""The ``qsmdip`` command line: phantom, field, reconstruct, batch, evaluate, export-dicom, demo.
 
 A thin layer over the library: flags map onto :class:`runner.ReconstructionRequest`,
 :class:`field_runner.FieldRequest` and the solvers' and pipeline's settings fields; every user error ends

@@ -3,7 +3,7 @@
 One call shape for every method::
 
     result = solve_xxx(field_ppm, mask, voxel_size_mm, *, b0_dir=..., settings=XxxSettings(...),
-                       callback=None, callback_every=10, device="auto")
+                       callback=None, callback_every=10, device="auto", magnitude=None)
 
 ``field_ppm`` and ``mask`` are NumPy arrays indexed [i, j, k] (see ``geometry.py``). The callback gets a
 :class:`Progress` every ``callback_every`` iterations (and after the last one) and may return True to

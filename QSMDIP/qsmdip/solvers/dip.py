@@ -16,8 +16,8 @@ restores the contrast and the cone-direction detail that TV flattens. The Huber 
 the noise and linear for the few voxels whose measured field is grossly wrong (a bleed's dephased signal,
 partial volumes at the brain's edge), which a least-squares fit would chase. Without a magnitude image, TV's
 penalty at the base's chosen weight (in least-squares units) is added to the loss, which keeps the late fit
-out of the noise. On the head phantom
-this halves TV's NRMSE (docs/dip-experiments.md). ``base="none"`` is the classical DIP from a random
+out of the noise. It lowers TV's NRMSE on both phantoms (simple 3 mm: 4.20 against 7.08 %; realistic 2 mm:
+16.13 against 18.97 % for Huber TV; docs/dip-experiments.md). ``base="none"`` is the classical DIP from a random
 start; the "original" preset is the published method. The field is divided by its RMS inside the mask
 before fitting, so the network's output is of order one whatever the field strength, and the result is
 scaled back to ppm.
@@ -75,7 +75,7 @@ def _is_number(value: object) -> bool:
 class DIPSettings:
     """Settings of :func:`solve_dip`; every field is checked on construction.
 
-    The defaults are the "default" preset: the network corrects a TV-ADMM estimate under an L2 data
+    The defaults are the "default" preset: the network corrects a Huber TV-ADMM estimate under a Huber data
     fit, plus TV's penalty when no magnitude is used (docs/dip-experiments.md says what each choice did to
     the benchmark figures). The original method's settings are the "original" preset.
     """

@@ -15,7 +15,7 @@ of the largest ball that fits around it, so the data term is a sum of one term p
 everywhere; a large one alone keeps them but loses the edge. Unlike V-SHARP nothing is deconvolved: each
 term carries its own kernel.
 
-The data term is Huber by default (``TVSettings.data_term``): l1 for large residuals, because the high-pass
+The data term is Huber by default (``SingleStepSettings.data_term``): l1 for large residuals, because the high-pass
 spreads each badly measured voxel (dephased phase in a bleed or a vein) over a ball, which least squares turns
 into streaks; quadratic for small ones, the noise, which least squares fits best. The weight is
 chosen by the same hold-out rule as TV, on the high-passed field. chi is returned on the input mask eroded by

@@ -12,6 +12,9 @@ with two splittings (Milovic et al., MRM 2018, "FANSI"): z = grad chi (penalty m
     v   <- (M f + mu2 (D chi + u)) / (M + mu2)                                     (voxelwise data prox)
     s   <- s + grad chi - z,   u <- u + D chi - v                                  (scaled dual updates)
 
+(written for the l2 data term, the default; with ``data_term`` "l1" or "huber" the data term is
+sum |D chi - f| or the Huber function, and only the v-step changes: it becomes a voxelwise shrink.)
+
 Gradients are forward differences with periodic boundaries over the padded grid (per mm). The field is
 divided by its RMS inside the mask before the solve and chi is scaled back after it, so ``alpha`` is
 free of the field's scale: the same weight suits a field in ppm of any strength (a weaker field, or
