@@ -83,7 +83,7 @@ class QSMDIPParameterNode:
     b0Tesla: Annotated[float, WithinRange(0.1, 21.0)] = 3.0
     echoTimeS: Annotated[float, WithinRange(0.0001, 1.0)] = 0.02
     method: Annotated[str, Choice(["DIP", "TKD", "Tikhonov", "TV", "Single-step TV"])] = "DIP"
-    iterations: Annotated[int, WithinRange(1, 100000)] = 200
+    iterations: Annotated[int, WithinRange(1, 100000)] = 300
     learningRate: Annotated[float, WithinRange(0.000001, 1.0)] = 0.002
     width: Annotated[int, WithinRange(1, 256)] = 16
     updateInterval: Annotated[int, WithinRange(1, 10000)] = 10

@@ -74,14 +74,14 @@ def test_default_preset_is_the_measured_hybrid():
     assert (s.base, s.input, s.data_loss, s.regulariser, s.reg_weight) == ("tv", "noise", "huber", "auto", None)
     # a Huber TV base and a Huber network loss, switching to linear at a tenth of the field's RMS
     assert (s.base_data_term, s.huber_delta) == ("huber", 0.1)
-    assert (s.iterations, s.learning_rate, s.betas, s.width, s.depth) == (200, 2e-3, (0.9, 0.999), 16, 3)
+    assert (s.iterations, s.learning_rate, s.betas, s.width, s.depth) == (300, 2e-3, (0.9, 0.999), 16, 3)
     assert s.decoder == "conv-first"  # the decoder's channel-halving blocks on the coarse grid: 1.45x faster
     # the returned map is the average of the iterates (EMA 0.9), and the hold-out rule (5 %, under the penalty
     # too) judges that average
     assert (s.ema, s.holdout_fraction, s.holdout_rise) == (0.9, 0.05, 0.1)
     # with a magnitude: a second input channel and a magnitude^2-weighted data term; the base's weight is chosen
     assert (s.magnitude_input, s.magnitude_weighting, s.base_alpha) == (True, True, None)
-    assert PRESETS["fast"] == dataclasses.replace(s, width=8)
+    assert PRESETS["fast"] == dataclasses.replace(s, width=8, iterations=200)
 
 
 def test_presets_and_overrides():
