@@ -240,6 +240,7 @@ def test_cohort_outputs_sidecars_failure_and_skip_on_rerun(dataset, tmp_path, ca
     assert record["PhasePipeline"]["background"] and record["EchoTimes"] == [0.004, 0.012, 0.02, 0.028]
     assert record["MagneticFieldStrength"] == 3.0 and record["Device"] == "cpu"
     assert record["StopReason"] == "completed" and record["Attempts"] == 1
+    assert any(n.startswith("tkd inverts the pipeline's local field") for n in record["Notes"]), record["Notes"]
     assert record["Seconds"]["total"] >= record["Seconds"]["field"] > 0
     assert {"qsmdip", "torch", "numpy", "dask", "distributed"} <= set(record["SoftwareVersions"])
     name = "sub-03/ses-pre/anat/sub-03_ses-pre_echo-3_part-phase_MEGRE.nii.gz"

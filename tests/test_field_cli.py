@@ -236,7 +236,7 @@ def test_reconstruct_from_the_phase_equals_field_then_reconstruct(sets, tmp_path
     assert len(stage_lines(lines, "reconstruct")) == 7 and f"reconstruct: {B0_LINE}" in lines
     # a method that inverts the local field is warned about once the field is made, before it runs
     last_stage = lines.index(stage_lines(lines, "reconstruct")[-1])
-    assert lines[last_stage + 1].startswith("reconstruct: note: tkd inverts the pipeline's local field"), lines
+    assert lines[last_stage + 1].startswith("warning: tkd inverts the pipeline's local field"), lines
     assert "single-step-tv measured best" in lines[last_stage + 1]
     assert f"tkd: {B0_LINE}" in lines
     assert f"reconstruct: kept the local field: {kept_field}" in lines
@@ -261,7 +261,7 @@ def test_single_step_tv_from_the_phase_inverts_the_total_field(sets, tmp_path, c
                             "--total-field", total, "--out-mask", kept_mask, "--no-progress"], capsys)
     assert code == 0, lines
     assert any(line.startswith("single-step-tv: ") for line in out.splitlines() + lines), (out, lines)  # the default
-    assert not any("note:" in line for line in lines), lines  # nothing to warn about for the default
+    assert not any("inverts the pipeline's local field" in line for line in lines), lines  # nothing to warn about
     again = tmp_path / "again.nii.gz"
     code, _, lines = run(["reconstruct", "--field", total, "--mask", kept_mask, "--out", again,
                           "--method", "single-step-tv", "--no-progress"], capsys)

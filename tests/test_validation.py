@@ -255,3 +255,24 @@ def test_negative_echo_is_refused_although_its_square_would_hide_it():
     echoes = np.stack([magnitude_array(), with_value(magnitude_array(), (3, 3, 3), -1.0)], axis=-1)
     with pytest.raises(QSMInputError, match="negative values"):
         check_magnitude(EchoSeries(echoes, SPACING, ORIGIN), field_volume())
+
+
+def test_lists_of_text_are_checked_as_text_and_lists_of_numbers_as_numbers():
+    import dataclasses
+    from typing import List, Sequence
+
+    from qsmdip.validation import check_types
+
+    @dataclasses.dataclass
+    class Fields:
+        notes: List[str]
+        radii: Sequence[float]
+
+    assert check_types(Fields, {"notes": ("a", "b"), "radii": [3, 6]}, "x") == {"notes": ["a", "b"], "radii": (3.0, 6.0)}
+    assert check_types(Fields, {"notes": []}, "x") == {"notes": []}  # no notes is fine; no radii is not
+    with pytest.raises(QSMInputError, match="x notes=\\[1\\] is invalid: it must be a list of texts"):
+        check_types(Fields, {"notes": [1]}, "x")
+    with pytest.raises(QSMInputError, match="a list of finite numbers"):
+        check_types(Fields, {"radii": ["3"]}, "x")
+    with pytest.raises(QSMInputError, match="a list of finite numbers"):
+        check_types(Fields, {"radii": []}, "x")

@@ -1,7 +1,7 @@
 """The command line's phase part: ``qsmdip field`` and ``qsmdip reconstruct --phase``.
 
-A thin layer over :func:`qsmdip.field_runner.run_field` and ``run_field_and_reconstruction``: the flags map onto :class:`FieldRequest` and the
-pipeline settings' fields (``--unwrap``, ``--bfr`` = background, ``--offsets``), each finished stage is
+A thin layer over :func:`qsmdip.field_runner.run_field` and ``run_field_and_reconstruction``: the flags map
+onto :class:`FieldRequest` and the pipeline settings' fields (``--unwrap``, ``--bfr`` = background, ``--offsets``), each finished stage is
 one line on stderr (its seconds and notes), and every user error is one line and exit status 2 (see
 :mod:`qsmdip.cli`).
 """
@@ -140,16 +140,11 @@ def reconstruct_from_phase(args: argparse.Namespace, request, run: Callable[[Any
     (:func:`~qsmdip.field_runner.run_field_and_reconstruction`: the echoes' root sum of squares is the prior,
     and --out-field, --out-mask and --total-field are written only after the QSM)."""
     from .field_runner import FieldListener, run_field_and_reconstruction
-    from .solvers import from_phase_note
 
     printer = StagePrinter(args.command)
-    note = from_phase_note(request.method)
 
     class Listener(FieldListener):
-        def stage(self, report: Any, count: int, volumes: Dict[str, str]) -> None:
-            printer.stage(report, count, volumes)
-            if note and report.index + 1 == count:  # the field is made: say it before the inversion starts
-                print(f"{args.command}: note: {note}", file=sys.stderr)
+        stage = staticmethod(printer.stage)
 
     keep = {"local field": args.out_field, "mask": args.out_mask, "total field": args.total_field}
     field, result = run_field_and_reconstruction(field_request(args, "", "", None), request,

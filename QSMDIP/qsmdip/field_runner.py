@@ -183,7 +183,7 @@ def run_field_and_reconstruction(request: FieldRequest, reconstruction: "Reconst
     checked before the first stage. ``run`` runs the reconstruction (default :func:`run_reconstruction`).
     """
     from .runner import _make_settings, check_request, run_reconstruction
-    from .solvers import TOTAL_FIELD_METHODS
+    from .solvers import TOTAL_FIELD_METHODS, from_phase_note
 
     unknown = sorted(set(keep) - set(_ROLES))
     if unknown:
@@ -195,8 +195,10 @@ def run_field_and_reconstruction(request: FieldRequest, reconstruction: "Reconst
         total = str(reconstruction.method).strip().lower() in TOTAL_FIELD_METHODS
         field_request = dataclasses.replace(request, field_output_path=paths["field"], mask_output_path=paths["mask"],
                                             total_field_output_path=paths["total"] if total else None)
+        note = from_phase_note(reconstruction.method)  # said with the inversion's warnings, where every caller shows them
         reconstruction = dataclasses.replace(reconstruction, field_path=paths["total" if total else "field"],
-                                             mask_path=paths["mask"], magnitude_path=paths["magnitude"])
+                                             mask_path=paths["mask"], magnitude_path=paths["magnitude"],
+                                             notes=list(reconstruction.notes) + ([note] if note else []))
         outputs = [("QSM", reconstruction.output_path)] + [(role, path) for role, path in keep.items() if path]
         for n, (role, path) in enumerate(outputs):
             for other_role, other in outputs[:n]:

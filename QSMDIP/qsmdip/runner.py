@@ -44,6 +44,9 @@ class ReconstructionRequest:
     snapshot_every: int = 10
     device: str = "auto"
     settings: Dict[str, Any] = field(default_factory=dict)  #: overrides of the method's settings fields
+    #: the caller's notes, reported with the input checks' warnings (``field_runner`` says here that a method
+    #: picked from the phase inverts the local field)
+    notes: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -120,7 +123,7 @@ def load_inputs(request: ReconstructionRequest) -> LoadedInputs:
         warnings = list(warnings) + list(magnitude_warnings)
     b0_world = request.b0_direction_world if request.b0_direction_world is not None else SUPERIOR
     b0_dir = b0_direction_in_voxel_frame(field_vol.direction, b0_world)
-    return LoadedInputs(field_vol, field_ppm, mask, reference, b0_dir, list(warnings), magnitude)
+    return LoadedInputs(field_vol, field_ppm, mask, reference, b0_dir, list(warnings) + list(request.notes), magnitude)
 
 
 def _max_iterations(settings: Any) -> int:

@@ -254,7 +254,7 @@ def check_types(cls: type, values: Mapping[str, Any], what: str,
     For values that come from text (``--set NAME=VALUE``) or a JSON job file, so that a wrong type is
     a one-line :class:`QSMInputError` naming the value instead of a crash deep inside a solver: numbers
     must be finite real numbers (``Infinity`` and ``NaN`` are refused), whole numbers integers, flags
-    true/false, tuples lists of numbers. ``what`` prefixes the message ("tv setting"); ``names`` maps a
+    true/false, tuples lists of numbers (or of texts, where the field holds texts). ``what`` prefixes the message ("tv setting"); ``names`` maps a
     field to the name the user typed (a job-file key). Names that are not fields are left to the caller.
     """
     hints = typing.get_type_hints(cls)
@@ -294,6 +294,9 @@ def _convert(hint: Any, value: Any) -> Tuple[bool, Any, str]:
         if isinstance(value, os.PathLike):
             value = os.fspath(value)
         return isinstance(value, str), value, "a text"
+    if origin in (tuple, list, collections.abc.Sequence) and args and args[0] is str:
+        ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+        return ok, list(value) if ok else value, "a list of texts"
     if origin in (tuple, list, collections.abc.Sequence):
         fixed = len(args) if origin is tuple and args and Ellipsis not in args else None
         if isinstance(value, np.ndarray) and value.ndim == 1:

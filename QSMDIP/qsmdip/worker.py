@@ -15,7 +15,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, TextIO
+from typing import Any, Dict, List, Optional, TextIO
 
 from .errors import is_out_of_memory
 
@@ -190,15 +190,11 @@ def run(job_path: str, out: TextIO = sys.stdout) -> int:
     from .errors import MissingDependencyError, QSMInputError
     from .field_runner import FieldListener, PipelineCancelled, run_field, run_field_and_reconstruction
     from .runner import RunListener, run_reconstruction
-    from .solvers import from_phase_note
 
     class JsonListener(RunListener):
-        def __init__(self, notes: Sequence[str] = ()):
-            self.notes = list(notes)  # said with the run's own warnings (the panel shows them)
-
         def started(self, info):
             emitter.emit("started", device=info.device, method=info.method,
-                         max_iterations=info.max_iterations, warnings=list(info.warnings) + self.notes)
+                         max_iterations=info.max_iterations, warnings=info.warnings)
 
         def progress(self, progress):
             emitter.emit("progress", iteration=progress.iteration, max_iterations=progress.max_iterations,
@@ -221,10 +217,6 @@ def run(job_path: str, out: TextIO = sys.stdout) -> int:
     def reconstruct(request):
         return run_reconstruction(request, JsonListener(), write_output_when_cancelled=False)
 
-    def reconstruct_from_phase(request):
-        note = from_phase_note(request.method)
-        return run_reconstruction(request, JsonListener([note] if note else []), write_output_when_cancelled=False)
-
     started = time.perf_counter()
     try:
         with open(job_path, "r", encoding="utf-8") as handle:
@@ -240,8 +232,7 @@ def run(job_path: str, out: TextIO = sys.stdout) -> int:
             return EXIT_OK
         else:
             field_run, result = run_field_and_reconstruction(
-                request.field_request, request.reconstruction, request.keep, listener=StageListener(),
-                run=reconstruct_from_phase)
+                request.field_request, request.reconstruction, request.keep, listener=StageListener(), run=reconstruct)
             kept = _named(field_run.written)
     except PipelineCancelled as error:
         emitter.emit("error", kind="cancelled", message=str(error))
