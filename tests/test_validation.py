@@ -268,7 +268,8 @@ def test_lists_of_text_are_checked_as_text_and_lists_of_numbers_as_numbers():
         notes: List[str]
         radii: Sequence[float]
 
-    assert check_types(Fields, {"notes": ("a", "b"), "radii": [3, 6]}, "x") == {"notes": ["a", "b"], "radii": (3.0, 6.0)}
+    checked = check_types(Fields, {"notes": ("a", "b"), "radii": [3, 6]}, "x")
+    assert checked == {"notes": ["a", "b"], "radii": (3.0, 6.0)}
     assert check_types(Fields, {"notes": []}, "x") == {"notes": []}  # no notes is fine; no radii is not
     with pytest.raises(QSMInputError, match="x notes=\\[1\\] is invalid: it must be a list of texts"):
         check_types(Fields, {"notes": [1]}, "x")

@@ -1,9 +1,9 @@
 """The command line's phase part: ``qsmdip field`` and ``qsmdip reconstruct --phase``.
 
-A thin layer over :func:`qsmdip.field_runner.run_field` and ``run_field_and_reconstruction``: the flags map
-onto :class:`FieldRequest` and the pipeline settings' fields (``--unwrap``, ``--bfr`` = background, ``--offsets``), each finished stage is
-one line on stderr (its seconds and notes), and every user error is one line and exit status 2 (see
-:mod:`qsmdip.cli`).
+A thin layer over :func:`qsmdip.field_runner.run_field` and ``run_field_and_reconstruction``: the flags map onto
+:class:`FieldRequest` and the pipeline settings' fields (``--unwrap``, ``--bfr`` = background, ``--offsets``),
+each finished stage is one line on stderr (its seconds and notes), and every user error is one line and exit
+status 2 (see :mod:`qsmdip.cli`).
 """
 from __future__ import annotations
 

@@ -195,7 +195,8 @@ def run_field_and_reconstruction(request: FieldRequest, reconstruction: "Reconst
         total = str(reconstruction.method).strip().lower() in TOTAL_FIELD_METHODS
         field_request = dataclasses.replace(request, field_output_path=paths["field"], mask_output_path=paths["mask"],
                                             total_field_output_path=paths["total"] if total else None)
-        note = from_phase_note(reconstruction.method)  # said with the inversion's warnings, where every caller shows them
+        # said with the inversion's warnings, which every caller shows
+        note = from_phase_note(reconstruction.method)
         reconstruction = dataclasses.replace(reconstruction, field_path=paths["total" if total else "field"],
                                              mask_path=paths["mask"], magnitude_path=paths["magnitude"],
                                              notes=list(reconstruction.notes) + ([note] if note else []))

@@ -251,11 +251,11 @@ def check_types(cls: type, values: Mapping[str, Any], what: str,
                 names: Optional[Mapping[str, str]] = None) -> Dict[str, Any]:
     """Check ``values`` against the field types of the dataclass ``cls``; return them converted.
 
-    For values that come from text (``--set NAME=VALUE``) or a JSON job file, so that a wrong type is
-    a one-line :class:`QSMInputError` naming the value instead of a crash deep inside a solver: numbers
-    must be finite real numbers (``Infinity`` and ``NaN`` are refused), whole numbers integers, flags
-    true/false, tuples lists of numbers (or of texts, where the field holds texts). ``what`` prefixes the message ("tv setting"); ``names`` maps a
-    field to the name the user typed (a job-file key). Names that are not fields are left to the caller.
+    For values that come from text (``--set NAME=VALUE``) or a JSON job file, so that a wrong type is a one-line
+    :class:`QSMInputError` naming the value instead of a crash deep inside a solver: numbers must be finite real
+    numbers (``Infinity`` and ``NaN`` are refused), whole numbers integers, flags true/false, tuples lists of
+    numbers (or of texts, where the field holds texts). ``what`` prefixes the message ("tv setting"); ``names``
+    maps a field to the name the user typed (a job-file key). Names that are not fields are left to the caller.
     """
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}

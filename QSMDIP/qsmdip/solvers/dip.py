@@ -198,8 +198,9 @@ class DIPSettings:
 
 
 #: Named settings. "default" is the best we measured (docs/dip-experiments.md); "fast" halves the network
-#: width and stops at 200 iterations for a few minutes on a laptop CPU; "original" is the published QSM-DIP configuration (its code fed
-#: the field as the input, did not normalise it, and ran 500 iterations of Adam with betas 0.5, 0.999).
+#: width and stops at 200 iterations for a few minutes on a laptop CPU; "original" is the published QSM-DIP
+#: configuration (its code fed the field as the input, did not normalise it, and ran 500 iterations of Adam
+#: with betas 0.5, 0.999).
 PRESETS: Dict[str, DIPSettings] = {
     "default": DIPSettings(),
     "fast": DIPSettings(width=8, iterations=200),
