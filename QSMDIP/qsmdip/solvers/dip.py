@@ -16,8 +16,8 @@ restores the contrast and the cone-direction detail that TV flattens. The Huber 
 the noise and linear for the few voxels whose measured field is grossly wrong (a bleed's dephased signal,
 partial volumes at the brain's edge), which a least-squares fit would chase. Without a magnitude image, TV's
 penalty at the base's chosen weight (in least-squares units) is added to the loss, which keeps the late fit
-out of the noise. It lowers TV's NRMSE on both phantoms (simple 3 mm: 4.20 against 7.08 %; realistic 2 mm:
-16.13 against 18.97 % for Huber TV; docs/dip-experiments.md). ``base="none"`` is the classical DIP from a random
+out of the noise. It lowers TV's NRMSE on both phantoms (simple 3 mm: 4.04 against 7.08 %; realistic 2 mm:
+16.08 against 18.97 % for Huber TV; docs/dip-experiments.md). ``base="none"`` is the classical DIP from a random
 start; the "original" preset is the published method. The field is divided by its RMS inside the mask
 before fitting, so the network's output is of order one whatever the field strength, and the result is
 scaled back to ppm.
@@ -95,10 +95,10 @@ class DIPSettings:
     noise_channels: int = 1                    #: channels of the noise input (>= 1; ignored for "field")
     #: "huber" (default: r^2 up to huber_delta, then linear: the noise is fitted by least squares and a few
     #: grossly wrong voxels, such as a bleed's dephased phase, count less), "l1" (mean |r|) or "l2" (mean r^2).
-    #: With the Huber base, realistic 2 mm: 16.13 % without the magnitude and 14.76 with it, against 19.18 and
-    #: 17.36 for l2 on the l2 base (docs/dip-experiments.md, "A Huber loss for the network"). On a local field
-    #: with background-removal error (the phase pipeline's) it is worse: 71 against 57 % for l2 on the Huber base,
-    #: both behind TV (docs/phase-pipeline.md, "DIP from the phase")
+    #: With the Huber base, realistic 2 mm, 200 iterations: 16.13 % without the magnitude and 14.76 with it,
+    #: against 19.18 and 17.36 for l2 on the l2 base (docs/dip-experiments.md, "A Huber loss for the network").
+    #: On a local field with background-removal error (the phase pipeline's) it is worse: 71 against 57 % for l2
+    #: on the Huber base, both behind TV (docs/phase-pipeline.md, "DIP from the phase")
     data_loss: str = "huber"
     #: where the "huber" loss, and the TV base's "huber" data term, turn linear, relative to the field's RMS in
     #: the mask (> 0); raised to 1.345 noise standard deviations where the field is that noisy (noise.py)
