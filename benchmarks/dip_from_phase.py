@@ -12,7 +12,9 @@ About 7 minutes at 2 mm on 2 CPU cores (DIP is most of it). Run it alone. ``tv-t
 issue's 1.5x target: TV on the noise-free true local field in the pipeline's mask. ``tv-oracle-bfr`` is TV on
 what a perfect background removal would return from this pipeline's total field: the true local field plus the
 pipeline's own total-field error (noise, dephasing), less that error's constant and linear part (harmonic, so
-any background removal takes it). ``--snr none`` simulates the same acquisition without noise: what is left of
+any background removal takes it). ``single-step-true`` is single-step TV itself on the noise-free true local
+field of the mask it gets from the phase (a total field without background): the literal "same inversion" of
+the target, which counts the SMV high-pass's own loss in the reference. ``--snr none`` simulates the same acquisition without noise: what is left of
 the gap is the voxel signal's phase itself (partial volumes, dephasing; field_error_by_tissue.py).
 """
 from __future__ import annotations
@@ -39,6 +41,7 @@ RUNS = {
     "single-step": "single-step-tv on the total field",
     "tv-true": "tv on the true local field (noise-free; the 1.5x target's reference)",
     "tv-oracle-bfr": "tv on the true local field plus the pipeline's field error (a perfect background removal)",
+    "single-step-true": "single-step-tv on the true local field (noise-free, no background; the same inversion)",
 }
 
 
@@ -78,6 +81,8 @@ def main(argv=None) -> None:
         "tv-true": lambda: get_solver("tv")(true_local_field(acq, mask), mask, vs, b0_dir=b0, device="cpu"),
         "tv-oracle-bfr": lambda: get_solver("tv")(oracle_local_field(acq, pipe.total_field_ppm, mask), mask, vs,
                                                   b0_dir=b0, device="cpu"),
+        "single-step-true": lambda: get_solver("single-step-tv")(true_local_field(acq, pipe.field_mask),
+                                                                 pipe.field_mask, vs, b0_dir=b0),
     }
     print(f"# voxel {vs} mm, B0 {tuple(round(float(b), 3) for b in b0)}; NRMSE % / HFEN % / XSIM in the pipeline's mask")
     for key in chosen:

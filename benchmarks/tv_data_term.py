@@ -34,6 +34,8 @@ def main(argv=None) -> None:
                         "(comma-separated; each solve starts cold, as a given weight does)")
     parser.add_argument("--tilt", type=float, default=0.0, help="B0 tilt in degrees for --one-mm")
     args = parser.parse_args(argv)
+    if args.tilt and not args.one_mm:
+        parser.error("--tilt applies to --one-mm only (the default cases fix their own B0)")
     wanted = [t.strip() for t in args.terms.split(",") if t.strip()]
     terms = [{"data_term": t} for t in ("l2", "l1") if t in wanted] + [
         {"data_term": "huber", "huber_delta": float(d)} for d in args.huber_deltas.split(",")

@@ -139,14 +139,20 @@ def test_supersampling_can_be_chosen(vs, shape):
             make_realistic_phantom(shape, vs, snr=None, supersampling=bad)
 
 
-def test_whole_head_rule_still_point_samples_below_2mm():
-    """build_anatomy's None is the whole-head acquisition's rule (its 1 mm field of view would not fit in
-    memory on a 0.5 mm grid): 2 per axis from 2 mm up, 1 below, per axis for anisotropic voxels."""
+def test_whole_head_acquisition_supersamples_below_2mm_too():
+    """The acquisition, like the local-field phantom, simulates on a grid twice as fine at every voxel size
+    (it point-sampled below 2 mm until 2026-12-05); 1 can still be asked for, and changes the signal."""
+    from qsmdip.realistic_acquisition import make_realistic_acquisition
     from qsmdip.realistic_phantom import build_anatomy
-    rng = np.random.default_rng(0)
-    assert build_anatomy((8, 8, 8), (1.5, 1.5, 1.5), rng).factors == (1, 1, 1)
-    assert build_anatomy((8, 8, 8), (1.0, 1.0, 3.0), rng).factors == (1, 1, 2)
-    assert build_anatomy((8, 8, 8), (2.0, 2.0, 2.0), rng).factors == (2, 2, 2)
+    assert build_anatomy((8, 8, 8), (1.0, 1.0, 3.0), np.random.default_rng(0)).factors == (2, 2, 2)
+    shape, vs = (20, 24, 20), (1.5, 1.5, 1.5)
+    default = make_realistic_acquisition(shape, vs, snr=None)
+    one = make_realistic_acquisition(shape, vs, snr=None, supersampling=1)
+    assert default.fine_factors == (2, 2, 2) and one.fine_factors == (1, 1, 1)
+    assert default.magnitude.shape[1:] == one.magnitude.shape[1:] == shape
+    assert not np.allclose(default.magnitude, one.magnitude)
+    with pytest.raises(QSMInputError, match="supersampling"):
+        make_realistic_acquisition(shape, vs, snr=None, supersampling=0)
 
 
 def test_a_large_simulation_grid_is_warned_about(monkeypatch, caplog):

@@ -26,7 +26,6 @@ unless ``b0_dir`` says otherwise (an oblique acquisition is a B0 tilted in the v
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -130,18 +129,14 @@ def default_realistic_shape(voxel_size_mm: Sequence[float]) -> Tuple[int, int, i
 
 
 PHANTOM_SUPERSAMPLING = 2
-"""Simulation voxels per voxel and axis of :func:`make_realistic_phantom`, at every voxel size: averaging the
-complex signal over them gives the magnitude its intravoxel dephasing where chi changes within a voxel."""
+"""Simulation voxels per voxel and axis of :func:`make_realistic_phantom` and of the whole-head acquisition, at
+every voxel size: averaging the complex signal over them gives the magnitude its intravoxel dephasing where chi
+changes within a voxel, and keeps the truth off the inversion's own grid (point samples at 1 mm let TV on the
+true local field invert its own forward model: 6.07 % where the supersampled head gives TODO)."""
 #: A simulation grid larger than this is warned about (the 1 mm phantom's 46 million voxels are not).
 LARGE_SIMULATION_VOXELS = 50_000_000
-#: Peak memory per simulation voxel, measured: 9.0 GB for the 1 mm phantom (the whole head needs more).
+#: Peak memory per simulation voxel, measured: 9.0 GB for the 1 mm phantom (the 1 mm whole head: 14.3 GB).
 BYTES_PER_SIMULATION_VOXEL = 195
-
-
-def _supersampling(vs: Sequence[float]) -> Tuple[int, int, int]:
-    """The whole-head acquisition's factors: a simulation grid 1 to 2 mm fine (never finer than the MNI
-    maps' 1 mm), which keeps its larger field of view within memory at 1 mm; below 2 mm it point-samples."""
-    return tuple(int(min(2, max(1, math.floor(v + 1e-6)))) for v in vs)  # type: ignore[return-value]
 
 
 def _block_mean(x: np.ndarray, factors: Sequence[int]) -> np.ndarray:
@@ -236,13 +231,13 @@ def build_anatomy(shape: Sequence[int], voxel_size_mm: Sequence[float], rng: np.
                   supersampling: Optional[int] = None) -> Anatomy:
     """Tissue, nuclei, veins, calcification and bleed on the simulation grid of a ``shape`` matrix of
     ``voxel_size_mm`` voxels centred on the brain (:data:`BRAIN_CENTRE_MNI`); ``rng`` draws the texture.
-    ``supersampling``: simulation voxels per voxel along each axis (None: 2 from 2 mm up, else 1, as the
-    whole-head acquisition uses; the local-field phantom passes :data:`PHANTOM_SUPERSAMPLING`)."""
+    ``supersampling``: simulation voxels per voxel along each axis (1 to 4; None:
+    :data:`PHANTOM_SUPERSAMPLING`, what the local-field phantom and the whole-head acquisition use)."""
     vs = check_voxel_size(voxel_size_mm)
     shape3 = tuple(int(n) for n in shape)
     if supersampling is None:
-        factors = _supersampling(vs)
-    elif isinstance(supersampling, (int, np.integer)) and not isinstance(supersampling, bool) and \
+        supersampling = PHANTOM_SUPERSAMPLING
+    if isinstance(supersampling, (int, np.integer)) and not isinstance(supersampling, bool) and \
             1 <= supersampling <= 4:
         factors = (int(supersampling),) * 3
     else:
@@ -352,8 +347,6 @@ def make_realistic_phantom(shape: Optional[Sequence[int]] = None,
                                              what="phantom")
 
     rng = np.random.default_rng(seed)
-    if supersampling is None:  # "the default", never the acquisition's coarser rule that None means below
-        supersampling = PHANTOM_SUPERSAMPLING
     anatomy = build_anatomy(shape3, vs, rng, supersampling)
     fine, factors, chi, brain = anatomy.grid, anatomy.factors, anatomy.chi, anatomy.brain
     gm, wm, csf, r2s_extra, fractions = anatomy.gm, anatomy.wm, anatomy.csf, anatomy.r2s_extra, anatomy.fractions
