@@ -132,7 +132,7 @@ PHANTOM_SUPERSAMPLING = 2
 """Simulation voxels per voxel and axis of :func:`make_realistic_phantom` and of the whole-head acquisition, at
 every voxel size: averaging the complex signal over them gives the magnitude its intravoxel dephasing where chi
 changes within a voxel, and keeps the truth off the inversion's own grid (point samples at 1 mm let TV on the
-true local field invert its own forward model: 6.07 % where the supersampled head gives TODO)."""
+whole head's true local field invert its own forward model: 6.07 % NRMSE, against 9.06 % supersampled)."""
 #: A simulation grid larger than this is warned about (the 1 mm phantom's 46 million voxels are not).
 LARGE_SIMULATION_VOXELS = 50_000_000
 #: Peak memory per simulation voxel, measured: 9.0 GB for the 1 mm phantom (the 1 mm whole head: 14.3 GB).
