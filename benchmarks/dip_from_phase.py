@@ -14,8 +14,9 @@ what a perfect background removal would return from this pipeline's total field:
 pipeline's own total-field error (noise, dephasing), less that error's constant and linear part (harmonic, so
 any background removal takes it). ``single-step-true`` is single-step TV itself on the noise-free true local
 field of the mask it gets from the phase (a total field without background): the literal "same inversion" of
-the target, which counts the SMV high-pass's own loss in the reference. ``--snr none`` simulates the same acquisition without noise: what is left of
-the gap is the voxel signal's phase itself (partial volumes, dephasing; field_error_by_tissue.py).
+the target, which counts the SMV high-pass's own loss in the reference. ``--snr none`` simulates the same
+acquisition without noise: what is left of the gap is the voxel signal's phase itself (partial volumes,
+dephasing; field_error_by_tissue.py).
 """
 from __future__ import annotations
 
