@@ -9,11 +9,17 @@ phase noise of an echo is sigma / |S_n|), is
 Its standard deviation is sigma / (2 pi sqrt(sum_n |S_n|^2 TE_n^2)), so ``sqrt(sum |S_n|^2 TE_n^2)`` is the
 fit's reliability (what PDF can weight by), and the weighted residual of the fit tells where the phase does
 not follow the model (unwrapping errors, dephasing, noise): the mask's phase-quality test uses it.
+
+Where it does not, the late echoes are the suspects: a vein or a bleed dephases the voxel's signal so that its
+phase stops growing linearly with TE, and the temporal unwrapping of the last echo may then pick the wrong
+multiple of 2 pi (an error of 1/TE_n Hz). :func:`refit_early_echoes` refits those voxels from their first
+echoes only. On the realistic 2 mm head at SNR 100 this cut the SMV-high-passed error of the total field by a
+third (0.95 to 0.63 ppb RMS) and single-step TV's NRMSE from 28.04 to 27.06 % (docs/phase-pipeline.md).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -75,6 +81,41 @@ def fit_field(unwrapped_rad: np.ndarray, magnitude: np.ndarray, echo_times_s: Se
     return EchoFit(field_hz=field_hz.astype(np.float32),
                    reliability=np.where(m, np.sqrt(denominator), 0.0).astype(np.float32),
                    residual_rad=np.where(m, residual, 0.0).astype(np.float32))
+
+
+def refit_early_echoes(unwrapped_rad: np.ndarray, magnitude: np.ndarray, echo_times_s: Sequence[float],
+                       fit: EchoFit, mask: np.ndarray, residual_limit_rad: float) -> Tuple[EchoFit, Dict[int, int]]:
+    """Refit the voxels whose phase left the line from their early echoes only.
+
+    In each voxel of ``mask`` whose residual in ``fit`` (all echoes, through the origin) is above
+    ``residual_limit_rad``, the field is refitted from the first n echoes, for the largest n whose own residual is
+    within the limit; the first echo alone when none is (one echo fits any line through the origin). The refitted
+    voxels' reliability is that of the echoes used, so weighted stages trust them less. ``residual_rad`` stays the
+    all-echo fit's: it says how far the data left the model, which the mask's phase-quality test reads.
+
+    Returns the new fit and how many voxels kept each number of echoes below all of them ({n: voxels}).
+    """
+    phase = np.asarray(unwrapped_rad)
+    mag = np.asarray(magnitude)
+    tes = np.asarray(echo_times_s, dtype=np.float64).ravel()
+    if not (np.isfinite(residual_limit_rad) and residual_limit_rad > 0):
+        raise QSMInputError(f"the echo-fit residual limit must be a positive number of radians, got {residual_limit_rad}")
+    if phase.ndim != 4 or mag.shape != phase.shape or tes.size != phase.shape[0]:
+        raise QSMInputError(f"phase and magnitude must both be [echo, i, j, k] with one echo time per echo, got "
+                            f"{phase.shape}, {mag.shape} and {tes.size} echo times")
+    poor = np.asarray(mask, dtype=bool) & (fit.residual_rad > residual_limit_rad)
+    field_hz, reliability = fit.field_hz.copy(), fit.reliability.copy()
+    kept: Dict[int, int] = {}
+    for echoes in range(tes.size - 1, 0, -1):
+        if not poor.any():
+            break
+        cut = fit_field(phase[:echoes], mag[:echoes], tes[:echoes], poor)
+        good = poor & (cut.residual_rad <= residual_limit_rad) if echoes > 1 else poor
+        field_hz[good], reliability[good] = cut.field_hz[good], cut.reliability[good]
+        if good.any():
+            kept[echoes] = int(good.sum())
+        poor &= ~good
+    return EchoFit(field_hz=field_hz, reliability=reliability, residual_rad=fit.residual_rad), kept
 
 
 def hz_to_ppm(field_hz: np.ndarray, b0_tesla: float) -> np.ndarray:

@@ -21,7 +21,7 @@ import scipy.ndimage
 from ..errors import QSMInputError
 from ..geometry import SUPERIOR, check_voxel_size, unit_vector
 from .background import BACKGROUND_REMOVERS
-from .echo_fit import fit_field, hz_to_ppm
+from .echo_fit import fit_field, hz_to_ppm, refit_early_echoes
 from .inputs import check_b0, check_echo_times, check_magnitude_series, looks_swapped, phase_to_radians
 from .masking import mask_from_magnitude, peel_poor_edges
 from .offsets import OFFSET_METHODS, remove_phase_offsets
@@ -45,7 +45,12 @@ class PipelineSettings:
     #: fit a free intercept per voxel (the textbook fit when offsets are not removed first)
     fit_intercept: bool = False
     mask_opening_mm: float = 4.0
+    #: echo-fit residual (rad) above which a voxel's phase counts as off the line: its edge voxels are peeled from
+    #: the mask, and with ``early_echo_refit`` every such voxel is refitted from its early echoes
     residual_limit_rad: float = 0.06
+    #: refit the voxels whose phase left the line from their first echoes (:func:`echo_fit.refit_early_echoes`;
+    #: through-origin fits only, as the offsets are removed first)
+    early_echo_refit: bool = True
     #: layers of voxels peeled off the magnitude mask's edge: partial volumes with skull and scalp, whose
     #: phase and susceptibility are far from the brain's (measured in docs/phase-pipeline.md)
     mask_erosion_voxels: int = 1
@@ -63,7 +68,7 @@ class PipelineSettings:
 
 
 #: The textbook chain the issue measures against: Laplacian unwrapping, a linear fit, V-SHARP.
-TEXTBOOK = dict(offsets="none", unwrap="laplacian", background="vsharp", fit_intercept=True)
+TEXTBOOK = dict(offsets="none", unwrap="laplacian", background="vsharp", fit_intercept=True, early_echo_refit=False)
 
 
 @dataclass
@@ -171,10 +176,17 @@ def phase_to_local_field(phase: np.ndarray, magnitude: np.ndarray, echo_times_s:
     finish("unwrap", started, [f"unwrap: {settings.unwrap}"], {})
 
     started = time.perf_counter()
-    fit = fit_field(unwrapped, mag, tes, m, intercept=settings.fit_intercept and len(tes) > 1)
+    intercept = settings.fit_intercept and len(tes) > 1
+    fit = fit_field(unwrapped, mag, tes, m, intercept=intercept)
+    notes = [f"echo fit: magnitude-weighted, {'with' if intercept else 'no'} intercept"]
+    if settings.early_echo_refit and not intercept and len(tes) > 1:
+        fit, kept = refit_early_echoes(unwrapped, mag, tes, fit, m, settings.residual_limit_rad)
+        if kept:
+            counts = ", ".join(f"{n} echo{'es' if n > 1 else ''}: {v}" for n, v in sorted(kept.items(), reverse=True))
+            notes.append(f"echo fit: {sum(kept.values())} voxels whose phase left the line (residual above "
+                         f"{settings.residual_limit_rad:g} rad) refitted from their early echoes ({counts})")
     total_ppm = hz_to_ppm(fit.field_hz, b0)
-    finish("echo fit", started, [f"echo fit: magnitude-weighted, {'with' if settings.fit_intercept else 'no'} "
-                                 "intercept"], {"total_field_ppm": total_ppm})
+    finish("echo fit", started, notes, {"total_field_ppm": total_ppm})
 
     started = time.perf_counter()
     notes = []
