@@ -247,7 +247,7 @@ def build_anatomy(shape: Sequence[int], voxel_size_mm: Sequence[float], rng: np.
     fine_voxels = int(np.prod(fine.shape))
     if fine_voxels > LARGE_SIMULATION_VOXELS:
         log.warning("the realistic anatomy's simulation grid has %.0f million voxels: expect %.0f GB of memory "
-                    "or more, and minutes (supersampling=1 point-samples, with no dephasing)",
+                    "or more, and minutes (supersampling=1 would point-sample instead: a smaller grid, no dephasing)",
                     fine_voxels / 1e6, fine_voxels * BYTES_PER_SIMULATION_VOXEL / 1e9)
     t1, gm_map, wm_map, origin = load_mni_maps()
     brain_t1, gm, wm = _sample_mni([(t1 > 0).astype(np.float32), gm_map, wm_map], origin, fine)

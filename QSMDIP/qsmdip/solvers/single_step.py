@@ -23,7 +23,9 @@ chosen by the same hold-out rule as TV, on the high-passed field. chi is returne
 
 Measured (``docs/phase-pipeline.md``, realistic head from phase, SNR 100, on the pipeline's mask): at 2 mm the
 default radii and Huber term give 28.0 % NRMSE axial and 27.9 % at 20 degrees (l1: 28.5 and 28.7 %; one 6 mm
-radius: 34.0 and 34.6 %; TV after PDF: 52.0 and 48.7 %), at 1 mm 22.5 % (l1: 22.6 %; one radius: 28.6 %).
+radius: 34.0 and 34.6 %; TV after PDF: 52.0 and 48.7 %), at 1 mm 22.5 % (l1: 22.6 %; one radius: 28.6 %). Since
+the echo fit refits dephased voxels from their early echoes: 27.1 and 27.2 % at 2 mm; 23.5 % at 1 mm on the head
+simulated at 0.5 mm (docs/phase-pipeline.md, last section).
 
 Arrays are [i, j, k]; fields and chi in ppm; lengths in mm.
 """
