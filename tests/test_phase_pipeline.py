@@ -248,6 +248,31 @@ def test_the_chain_recovers_the_local_field_better_than_the_textbook(acq):
     assert np.all(ours.local_field_ppm[~ours.mask] == 0)
 
 
+def test_the_refit_leaves_noise_alone_and_still_finds_a_wrong_multiple():
+    # SNR so low that the noise alone misfits most voxels by more than the fixed 0.06 rad limit
+    tes = np.array([0.004, 0.012, 0.020, 0.028])
+    rng = np.random.default_rng(3)
+    mag = np.ones((4, 20, 20, 20)) * np.array([4.0, 3.0, 2.0, 1.0])[:, None, None, None]
+    phase = 2 * np.pi * 20.0 * tes[:, None, None, None] + rng.normal(0.0, 0.25, mag.shape) / mag
+    phase[3, 0, 0, 0] += 2 * np.pi
+    fit = fit_field(phase, mag, tes)
+    assert np.mean(fit.residual_rad > 0.06) > 0.5
+    refit, kept = refit_early_echoes(phase, mag, tes, fit, None, residual_limit_rad=0.06)
+    assert sum(kept.values()) < 0.005 * phase[0].size      # about 0.1 % flagged by chance (NOISE_QUANTILE)
+    assert abs(refit.field_hz[0, 0, 0] - 20.0) < abs(fit.field_hz[0, 0, 0] - 20.0) / 3
+    with pytest.raises(QSMInputError, match="echo times must increase"):
+        refit_early_echoes(phase, mag, tes[::-1], fit, None, residual_limit_rad=0.06)
+
+
+def test_no_refit_without_offset_removal_and_a_bad_limit_is_refused(acq):
+    plain = run(acq, offsets="none", background="vsharp")
+    assert any("no early-echo refit" in note for note in plain.notes)
+    assert not any("refitted" in note for note in plain.notes)
+    for bad in (0.0, -0.1, float("nan"), "0.06"):
+        with pytest.raises(QSMInputError, match="residual_limit_rad"):
+            PipelineSettings(residual_limit_rad=bad)
+
+
 def test_refitting_from_early_echoes_lowers_the_total_fields_local_error(acq):
     from qsmdip.solvers.single_step import smv_high_pass
 
@@ -259,7 +284,7 @@ def test_refitting_from_early_echoes_lowers_the_total_fields_local_error(acq):
     assert any("refitted from their early echoes" in note for note in refitted.notes)
     assert not any("refitted" in note for note in plain.notes)
     assert np.array_equal(refitted.field_mask, plain.field_mask)   # the phase-quality peel reads the same residual
-    assert high_passed_error(refitted) < 0.8 * high_passed_error(plain)   # 1.68 -> 0.97 ppb when written
+    assert high_passed_error(refitted) < 0.8 * high_passed_error(plain)   # 1.68 -> 1.01 ppb when written
 
 
 def test_vendor_integers_and_a_single_echo(acq):

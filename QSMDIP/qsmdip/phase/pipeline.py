@@ -49,7 +49,7 @@ class PipelineSettings:
     #: the mask, and with ``early_echo_refit`` every such voxel is refitted from its early echoes
     residual_limit_rad: float = 0.06
     #: refit the voxels whose phase left the line from their first echoes (:func:`echo_fit.refit_early_echoes`;
-    #: through-origin fits only, as the offsets are removed first)
+    #: through-origin fits of offset-free phase only: not with ``fit_intercept`` or ``offsets="none"``)
     early_echo_refit: bool = True
     #: layers of voxels peeled off the magnitude mask's edge: partial volumes with skull and scalp, whose
     #: phase and susceptibility are far from the brain's (measured in docs/phase-pipeline.md)
@@ -58,6 +58,9 @@ class PipelineSettings:
     refine_mask: bool = True
 
     def __post_init__(self) -> None:
+        if not (isinstance(self.residual_limit_rad, (int, float)) and self.residual_limit_rad > 0):
+            raise QSMInputError(f"residual_limit_rad must be a positive number of radians (inf: no limit), got "
+                                f"{self.residual_limit_rad!r}")
         if self.offsets not in OFFSET_METHODS:
             raise QSMInputError(f"unknown phase-offset method {self.offsets!r}; choose one of {list(OFFSET_METHODS)}")
         if self.unwrap not in UNWRAPPERS:
@@ -179,12 +182,15 @@ def phase_to_local_field(phase: np.ndarray, magnitude: np.ndarray, echo_times_s:
     intercept = settings.fit_intercept and len(tes) > 1
     fit = fit_field(unwrapped, mag, tes, m, intercept=intercept)
     notes = [f"echo fit: magnitude-weighted, {'with' if intercept else 'no'} intercept"]
-    if settings.early_echo_refit and not intercept and len(tes) > 1:
+    if settings.early_echo_refit and not intercept and settings.offsets != "none" and len(tes) > 1:
         fit, kept = refit_early_echoes(unwrapped, mag, tes, fit, m, settings.residual_limit_rad)
         if kept:
             counts = ", ".join(f"{n} echo{'es' if n > 1 else ''}: {v}" for n, v in sorted(kept.items(), reverse=True))
             notes.append(f"echo fit: {sum(kept.values())} voxels whose phase left the line (residual above "
-                         f"{settings.residual_limit_rad:g} rad) refitted from their early echoes ({counts})")
+                         f"{settings.residual_limit_rad:g} rad and above the noise's) refitted from their early echoes "
+                         f"({counts})")
+    elif settings.early_echo_refit and settings.offsets == "none" and len(tes) > 1:
+        notes.append("echo fit: no early-echo refit, as the phase offsets were not removed")
     total_ppm = hz_to_ppm(fit.field_hz, b0)
     finish("echo fit", started, notes, {"total_field_ppm": total_ppm})
 
