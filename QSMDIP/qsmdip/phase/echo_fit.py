@@ -12,8 +12,7 @@ not follow the model (unwrapping errors, dephasing, noise): the mask's phase-qua
 
 Where it does not, the late echoes are the suspects: a vein or a bleed dephases the voxel's signal so that its
 phase stops growing linearly with TE, and the temporal unwrapping of the last echo may then pick the wrong
-multiple of 2 pi (an error of 1/TE_n Hz). :func:`refit_early_echoes` refits those voxels from their first
-echoes only. On the realistic 2 mm head at SNR 100 this cut the SMV-high-passed error of the total field by a
+multiple of 2 pi. :func:`refit_early_echoes` refits those voxels from their first echoes only. On the realistic 2 mm head at SNR 100 this cut the SMV-high-passed error of the total field by a
 third (0.95 to 0.63 ppb RMS) and single-step TV's NRMSE from 28.04 to 27.06 % (docs/phase-pipeline.md).
 """
 from __future__ import annotations
