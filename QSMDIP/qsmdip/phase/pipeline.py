@@ -182,15 +182,17 @@ def phase_to_local_field(phase: np.ndarray, magnitude: np.ndarray, echo_times_s:
     intercept = settings.fit_intercept and len(tes) > 1
     fit = fit_field(unwrapped, mag, tes, m, intercept=intercept)
     notes = [f"echo fit: magnitude-weighted, {'with' if intercept else 'no'} intercept"]
-    if settings.early_echo_refit and not intercept and settings.offsets != "none" and len(tes) > 1:
-        fit, kept = refit_early_echoes(unwrapped, mag, tes, fit, m, settings.residual_limit_rad)
-        if kept:
-            counts = ", ".join(f"{n} echo{'es' if n > 1 else ''}: {v}" for n, v in sorted(kept.items(), reverse=True))
-            notes.append(f"echo fit: {sum(kept.values())} voxels whose phase left the line (residual above "
-                         f"{settings.residual_limit_rad:g} rad and above the noise's) refitted from their early echoes "
-                         f"({counts})")
-    elif settings.early_echo_refit and settings.offsets == "none" and len(tes) > 1:
-        notes.append("echo fit: no early-echo refit, as the phase offsets were not removed")
+    if settings.early_echo_refit and len(tes) > 1:
+        if settings.offsets == "none":
+            notes.append("echo fit: no early-echo refit, as the phase offsets were not removed")
+        elif not intercept:
+            fit, kept = refit_early_echoes(unwrapped, mag, tes, fit, m, settings.residual_limit_rad)
+            if kept:
+                counts = ", ".join(f"{n} echo{'es' if n > 1 else ''}: {v}"
+                                   for n, v in sorted(kept.items(), reverse=True))
+                notes.append(f"echo fit: {sum(kept.values())} voxels whose phase left the line (residual above "
+                             f"{settings.residual_limit_rad:g} rad and above the noise's) refitted from their early "
+                             f"echoes ({counts})")
     total_ppm = hz_to_ppm(fit.field_hz, b0)
     finish("echo fit", started, notes, {"total_field_ppm": total_ppm})
 
