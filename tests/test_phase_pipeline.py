@@ -12,7 +12,7 @@ from qsmdip.metrics import nrmse
 from qsmdip.phase import files
 from qsmdip.phase.echo_fit import fit_field, hz_to_ppm, refit_early_echoes
 from qsmdip.phase.inputs import check_b0, check_echo_times, looks_swapped, phase_to_radians
-from qsmdip.phase.masking import ball, mask_from_magnitude, otsu_threshold
+from qsmdip.phase.masking import ball, mask_from_magnitude, otsu_threshold, peel_poor_edges, quality_limit
 from qsmdip.phase.pipeline import STAGES, TEXTBOOK, PipelineCancelled, PipelineSettings, phase_to_local_field
 from qsmdip.units import GAMMA_BAR_MHZ_PER_T
 
@@ -180,6 +180,40 @@ def test_mask_refinement_drops_noisy_edge_voxels_only():
     assert not result.mask[4, 5:15, 5:15].any()
     assert result.mask[10, 10, 10] and result.mask[5:15, 5:15, 5:15].all()
     assert result.removed_by_quality >= 100
+
+
+def test_the_quality_limit_rises_with_the_interiors_noise_only():
+    mask = np.zeros((30, 30, 30), bool)
+    mask[3:27, 3:27, 3:27] = True
+    rng = np.random.default_rng(0)
+    quiet = np.where(mask, rng.uniform(0.005, 0.015, mask.shape), 0.0)
+    assert quality_limit(quiet, mask, (1.0, 1.0, 1.0), 0.06) == 0.06       # high SNR: the fixed limit
+    noisy = np.where(mask, rng.uniform(0.04, 0.08, mask.shape), 0.0)        # low SNR: median 0.06 inside
+    noisy[3] = 1.0                                                          # a face whose phase is off the line
+    noisy[26] = 0.15                                                        # a face of ordinary noise, weak signal
+    limit = quality_limit(noisy, mask, (1.0, 1.0, 1.0), 0.06)
+    assert limit == pytest.approx(0.24, rel=0.02)     # 4 x the interior's median; the faces do not raise it
+    kept = peel_poor_edges(mask, noisy, limit)
+    assert not kept[3].any() and kept[26].sum() == mask[26].sum() and kept[4:26].sum() == mask[4:26].sum()
+    fixed = peel_poor_edges(mask, noisy, 0.06)       # the fixed limit eats into the noise, layer after layer
+    assert fixed.sum() < kept.sum() - 2 * 24 * 24 and not fixed[26].all()
+    with pytest.raises(QSMInputError, match="non-empty mask"):
+        quality_limit(noisy, np.zeros_like(mask), (1.0, 1.0, 1.0), 0.06)
+
+
+def test_the_mask_keeps_the_brain_at_low_snr(acq):
+    from qsmdip.realistic_acquisition import make_realistic_acquisition
+    noisy = make_realistic_acquisition(voxel_size_mm=VS, snr=15.0, seed=2)
+    result = run(noisy)
+    brain = noisy.brain_mask
+    fixed = run(noisy, relative_residual_limit=0)
+    assert (result.mask & brain).sum() / brain.sum() > 0.85 > 0.5 > (fixed.mask & brain).sum() / brain.sum()
+    refinement = " ".join(result.stages[STAGES.index("mask refinement")].notes)
+    assert "above 0.06 rad" not in refinement
+    for bad in (-1.0, math.inf, "4"):
+        with pytest.raises(QSMInputError, match="relative_residual_limit"):
+            PipelineSettings(relative_residual_limit=bad)
+    assert "above 0.06 rad" in " ".join(run(acq).stages[STAGES.index("mask refinement")].notes)   # SNR 100: as before
 
 
 # ----------------------------------------------------------------------------------------------- files
