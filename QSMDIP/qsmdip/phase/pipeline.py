@@ -189,19 +189,24 @@ def phase_to_local_field(phase: np.ndarray, magnitude: np.ndarray, echo_times_s:
     intercept = settings.fit_intercept and len(tes) > 1
     fit = fit_field(unwrapped, mag, tes, m, intercept=intercept)
     notes = [f"echo fit: magnitude-weighted, {'with' if intercept else 'no'} intercept"]
-    # without the offsets removed a line through the origin misfits every voxel: its residual is not noise
-    line_through_data = intercept or settings.offsets != "none"
+    # the mask's edge voxels whose phase is poor (partial volumes with bone, CSF or air): the refinement peels them,
+    # and refitting them from early echoes made a user's mask's local field worse (docs/phase-pipeline.md)
+    limit = settings.residual_limit_rad
+    if len(tes) > 1 and (intercept or settings.offsets != "none"):
+        # the typical voxel's residual is its noise (not so without the offsets removed and no intercept)
+        limit = quality_limit(fit.residual_rad, m, vs, limit, settings.relative_residual_limit)
+    inner = m & peel_poor_edges(m, fit.residual_rad, limit) if len(tes) > 1 else m
     if settings.early_echo_refit and len(tes) > 1:
         if settings.offsets == "none":
             notes.append("echo fit: no early-echo refit, as the phase offsets were not removed")
         elif not intercept:
-            fit, kept = refit_early_echoes(unwrapped, mag, tes, fit, m, settings.residual_limit_rad)
+            fit, kept = refit_early_echoes(unwrapped, mag, tes, fit, inner, settings.residual_limit_rad)
             if kept:
                 counts = ", ".join(f"{n} echo{'es' if n > 1 else ''}: {v}"
                                    for n, v in sorted(kept.items(), reverse=True))
                 notes.append(f"echo fit: {sum(kept.values())} voxels whose phase left the line (residual above "
                              f"{settings.residual_limit_rad:g} rad and above the noise's) refitted from their early "
-                             f"echoes ({counts})")
+                             f"echoes ({counts}); the mask's poor edge is not refitted")
     total_ppm = hz_to_ppm(fit.field_hz, b0)
     finish("echo fit", started, notes, {"total_field_ppm": total_ppm})
 
@@ -210,10 +215,7 @@ def phase_to_local_field(phase: np.ndarray, magnitude: np.ndarray, echo_times_s:
     if settings.refine_mask and not user_mask and len(tes) > 1:
         # the first mask is the magnitude mask itself: peel its poor edges rather than make it again
         before = int(m.sum())
-        limit = settings.residual_limit_rad
-        if line_through_data:   # there the typical voxel's residual is its noise
-            limit = quality_limit(fit.residual_rad, m, vs, limit, settings.relative_residual_limit)
-        m = peel_poor_edges(m, fit.residual_rad, limit)
+        m = inner
         notes = [f"mask: {before - int(m.sum())} edge voxels dropped for poor phase quality (echo-fit residual "
                  f"above {limit:.3g} rad)"]
         if settings.mask_erosion_voxels > 0:
