@@ -210,6 +210,8 @@ def test_the_mask_keeps_the_brain_at_low_snr(acq):
     assert (result.mask & brain).sum() / brain.sum() > 0.85 > 0.5 > (fixed.mask & brain).sum() / brain.sum()
     refinement = " ".join(result.stages[STAGES.index("mask refinement")].notes)
     assert "above 0.06 rad" not in refinement
+    smoothed = run(noisy, unwrap="laplacian")     # its residual is the smoothing's, not noise: the fixed limit stays
+    assert "above 0.06 rad" in " ".join(smoothed.stages[STAGES.index("mask refinement")].notes)
     for bad in (-1.0, math.inf, "4"):
         with pytest.raises(QSMInputError, match="relative_residual_limit"):
             PipelineSettings(relative_residual_limit=bad)

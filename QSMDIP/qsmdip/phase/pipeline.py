@@ -26,7 +26,7 @@ from .echo_fit import fit_field, hz_to_ppm, refit_early_echoes
 from .inputs import check_b0, check_echo_times, check_magnitude_series, looks_swapped, phase_to_radians
 from .masking import RELATIVE_RESIDUAL_LIMIT, mask_from_magnitude, peel_poor_edges, quality_limit
 from .offsets import OFFSET_METHODS, remove_phase_offsets
-from .unwrap import UNWRAPPERS, unwrap_echoes
+from .unwrap import UNWRAPPERS, WHOLE_TURN_UNWRAPPERS, unwrap_echoes
 
 #: The stages in order, as reported to ``on_stage`` (front ends size their progress bars with it).
 STAGES = ("inputs", "mask", "offsets", "unwrap", "echo fit", "mask refinement", "background")
@@ -50,7 +50,8 @@ class PipelineSettings:
     #: the mask, and with ``early_echo_refit`` every such voxel is refitted from its early echoes
     residual_limit_rad: float = 0.06
     #: the mask refinement raises that limit to this many times the median residual of the mask's interior, the
-    #: noise's (:func:`masking.quality_limit`; 0: the fixed limit alone, which at SNR 15 kept 66 % of the brain)
+    #: noise's (:func:`masking.quality_limit`; 0: the fixed limit alone, which at SNR 15 kept 66 % of the brain);
+    #: not after a Laplacian unwrapping or with offsets left in a fit through the origin (the residual is not noise)
     relative_residual_limit: float = RELATIVE_RESIDUAL_LIMIT
     #: refit the voxels whose phase left the line from their first echoes (:func:`echo_fit.refit_early_echoes`;
     #: through-origin fits of offset-free phase only: not with ``fit_intercept`` or ``offsets="none"``)
@@ -192,8 +193,9 @@ def phase_to_local_field(phase: np.ndarray, magnitude: np.ndarray, echo_times_s:
     # the mask's edge voxels whose phase is poor (partial volumes with bone, CSF or air): the refinement peels them,
     # and refitting them from early echoes made a user's mask's local field worse (docs/phase-pipeline.md)
     limit = settings.residual_limit_rad
-    if len(tes) > 1 and (intercept or settings.offsets != "none"):
-        # the typical voxel's residual is its noise (not so without the offsets removed and no intercept)
+    if len(tes) > 1 and (intercept or settings.offsets != "none") and settings.unwrap in WHOLE_TURN_UNWRAPPERS:
+        # the typical voxel's residual is its noise: not so when a line through the origin misfits the offsets,
+        # nor after a Laplacian unwrapping, whose phase is smoothed
         limit = quality_limit(fit.residual_rad, m, vs, limit, settings.relative_residual_limit)
     inner = m & peel_poor_edges(m, fit.residual_rad, limit) if len(tes) > 1 else m
     if settings.early_echo_refit and len(tes) > 1:
