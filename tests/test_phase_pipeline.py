@@ -2,6 +2,7 @@
 whole-head acquisition (4 mm, so it stays fast)."""
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -12,7 +13,8 @@ from qsmdip.metrics import nrmse
 from qsmdip.phase import files
 from qsmdip.phase.echo_fit import fit_field, hz_to_ppm, refit_early_echoes
 from qsmdip.phase.inputs import check_b0, check_echo_times, looks_swapped, phase_to_radians
-from qsmdip.phase.masking import ball, mask_from_magnitude, otsu_threshold, peel_poor_edges, quality_limit
+from qsmdip.phase.masking import (ball, mask_from_magnitude, otsu_threshold, peel_poor_edges, poor_edge,
+                                  quality_limit)
 from qsmdip.phase.pipeline import STAGES, TEXTBOOK, PipelineCancelled, PipelineSettings, phase_to_local_field
 from qsmdip.units import GAMMA_BAR_MHZ_PER_T
 
@@ -192,13 +194,23 @@ def test_the_quality_limit_rises_with_the_interiors_noise_only():
     noisy[3] = 1.0                                                          # a face whose phase is off the line
     noisy[26] = 0.15                                                        # a face of ordinary noise, weak signal
     limit = quality_limit(noisy, mask, (1.0, 1.0, 1.0), 0.06)
-    assert limit == pytest.approx(0.24, rel=0.02)     # 4 x the interior's median; the faces do not raise it
+    interior = noisy[11:19, 11:19, 11:19]                # deeper than 8 voxels: the faces are not in it
+    assert limit == pytest.approx(4 * np.median(interior)) and 0.23 < limit < 0.25
     kept = peel_poor_edges(mask, noisy, limit)
     assert not kept[3].any() and kept[26].sum() == mask[26].sum() and kept[4:26].sum() == mask[4:26].sum()
     fixed = peel_poor_edges(mask, noisy, 0.06)       # the fixed limit eats into the noise, layer after layer
     assert fixed.sum() < kept.sum() - 2 * 24 * 24 and not fixed[26].all()
     with pytest.raises(QSMInputError, match="non-empty mask"):
         quality_limit(noisy, np.zeros_like(mask), (1.0, 1.0, 1.0), 0.06)
+    # no voxel deeper than 8 mm (the grid's edge counts as outside): the residual is the edge's own, the limit fixed
+    assert quality_limit(noisy, mask, (1.0, 1.0, 1.0), 0.06) > 0.06
+    assert quality_limit(noisy[3:27, 3:27, 3:27], np.ones((24, 24, 24), bool), (0.5, 0.5, 0.5), 0.06) == 0.06
+    # the poor edge of a mask in two pieces: the smaller piece keeps its good voxels (peel_poor_edges drops it)
+    two = mask.copy()
+    two[0:2, 0:2, 0:2] = True
+    edge = poor_edge(two, noisy, limit)
+    assert edge[3, 3:27, 3:27].all() and not edge[0:2, 0:2, 0:2].any() and not edge[4:26].any()
+    assert not peel_poor_edges(two, noisy, limit)[0:2, 0:2, 0:2].any()
 
 
 def test_the_mask_keeps_the_brain_at_low_snr(acq):
@@ -212,7 +224,7 @@ def test_the_mask_keeps_the_brain_at_low_snr(acq):
     assert "above 0.06 rad" not in refinement
     smoothed = run(noisy, unwrap="laplacian")     # its residual is the smoothing's, not noise: the fixed limit stays
     assert "above 0.06 rad" in " ".join(smoothed.stages[STAGES.index("mask refinement")].notes)
-    for bad in (-1.0, math.inf, "4"):
+    for bad in (-1.0, math.inf, "4", True):
         with pytest.raises(QSMInputError, match="relative_residual_limit"):
             PipelineSettings(relative_residual_limit=bad)
     assert "above 0.06 rad" in " ".join(run(acq).stages[STAGES.index("mask refinement")].notes)   # SNR 100: as before
@@ -304,6 +316,8 @@ def test_no_refit_without_offset_removal_and_a_bad_limit_is_refused(acq):
     plain = run(acq, offsets="none", background="vsharp")
     assert any("no early-echo refit" in note for note in plain.notes)
     assert not any("refitted" in note for note in plain.notes)
+    # the residual of a line through the origin is the offsets', not noise: the mask keeps the fixed limit
+    assert "above 0.06 rad" in " ".join(plain.stages[STAGES.index("mask refinement")].notes)
     for bad in (0.0, -0.1, float("nan"), "0.06"):
         with pytest.raises(QSMInputError, match="residual_limit_rad"):
             PipelineSettings(residual_limit_rad=bad)
@@ -322,8 +336,9 @@ def test_a_users_mask_keeps_its_poor_edge_out_of_the_refit(acq):
     with_refit, notes = local_error(True)
     # refitting the rim's partial volumes from their first echoes made this 167.9 % against 99.8 %
     assert with_refit < 1.05 * without
-    refitted = [note for note in notes if "refitted from their early echoes" in note]
-    assert refitted and int(refitted[0].split("echo fit: ")[1].split()[0]) < 200
+    refitted = [re.search(r"(\d+) voxels whose phase left the line", note) for note in notes]
+    counts = [int(found.group(1)) for found in refitted if found]
+    assert counts and 0 < counts[0] < 200
 
 
 def test_refitting_from_early_echoes_lowers_the_total_fields_local_error(acq):

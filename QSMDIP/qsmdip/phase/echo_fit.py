@@ -90,13 +90,14 @@ NOISE_QUANTILE = 0.999
 
 
 def refit_early_echoes(unwrapped_rad: np.ndarray, magnitude: np.ndarray, echo_times_s: Sequence[float],
-                       fit: EchoFit, mask: Optional[np.ndarray], residual_limit_rad: float) -> Tuple[EchoFit, Dict[int, int]]:
+                       fit: EchoFit, mask: Optional[np.ndarray], residual_limit_rad: float, *,
+                       noise_mask: Optional[np.ndarray] = None) -> Tuple[EchoFit, Dict[int, int]]:
     """Refit the voxels whose phase left the line from their early echoes only.
 
     A voxel of ``mask`` (``None``: everywhere) is off the line when its residual in ``fit`` (all echoes, through
     the origin) is above ``residual_limit_rad`` and above what noise alone would give it. Noise gives a weighted
     residual of sigma sqrt(chi2_{n-1} / sum |S|^2) over n echoes; sigma is estimated from the median residual in
-    the mask, and the voxel's :data:`NOISE_QUANTILE` of that is its noise limit. Without it a fixed limit flags
+    ``noise_mask`` (``None``: the mask), and the voxel's :data:`NOISE_QUANTILE` of that is its noise limit. Without it a fixed limit flags
     noise at low SNR and the refit makes the field noisier (2 mm head at SNR 30: single-step TV 50.3 against 39.1 %
     without a refit; docs/phase-pipeline.md). An off-line voxel's field is refitted from the first n echoes, for
     the largest n within both limits, and from the first echo alone when none is (one echo fits any line through
@@ -115,15 +116,17 @@ def refit_early_echoes(unwrapped_rad: np.ndarray, magnitude: np.ndarray, echo_ti
                             f"{phase.shape}, {mag.shape} and {tes.size} echo times")
     check_echo_times(tes.tolist(), phase.shape[0])     # positive, in seconds, increasing: early echoes first
     region = np.ones(phase.shape[1:], bool) if mask is None else np.asarray(mask, dtype=bool)
-    if region.shape != phase.shape[1:] or fit.residual_rad.shape != phase.shape[1:]:
-        raise QSMInputError(f"the mask {region.shape} and the fit {fit.residual_rad.shape} must be on the echoes' grid "
-                            f"{phase.shape[1:]}")
+    noisy = region if noise_mask is None else np.asarray(noise_mask, dtype=bool)
+    if not (region.shape == noisy.shape == fit.residual_rad.shape == phase.shape[1:]):
+        raise QSMInputError(f"the masks {region.shape}, {noisy.shape} and the fit {fit.residual_rad.shape} must be on "
+                            f"the echoes' grid {phase.shape[1:]}")
     echoes = tes.size
     signal = np.cumsum(mag.astype(np.float64) ** 2, axis=0)[:, region]      # sum |S|^2 over the first n echoes
     residual = fit.residual_rad[region].astype(np.float64)
     sigma = 0.0
-    if echoes > 1 and residual.size:
-        scaled = residual * np.sqrt(signal[-1])          # sigma sqrt(chi2_{N-1}) where only noise misfits
+    if echoes > 1 and noisy.any():
+        # sigma sqrt(chi2_{N-1}) where only noise misfits
+        scaled = fit.residual_rad[noisy].astype(np.float64) * np.sqrt(np.sum(mag[:, noisy].astype(np.float64) ** 2, 0))
         sigma = float(np.median(scaled) / np.sqrt(scipy.stats.chi2.median(echoes - 1)))
 
     def within(values: np.ndarray, n: int, rows) -> np.ndarray:

@@ -113,8 +113,10 @@ def mask_from_magnitude(magnitude: np.ndarray, voxel_size_mm: Sequence[float], *
 
 
 #: the phase-quality limit is raised to this many times the median echo-fit residual of the mask's interior
-#: (deeper than :data:`INTERIOR_DEPTH_MM`), where noise dominates it: for a voxel of typical signal, noise alone
-#: exceeds 4 times its median in under 0.01 % of voxels (chi-square, 3 degrees of freedom)
+#: (deeper than :data:`INTERIOR_DEPTH_MM`), where noise dominates it. Empirical: high enough that SNR 100 keeps the
+#: fixed limit (4 mm head: 4 x 0.014 = 0.056 rad < 0.06), and for a voxel of typical signal noise alone passes 4
+#: times its median in under 0.01 % of voxels with 4 echoes (chi-square, 3 degrees of freedom), 0.7 % with one
+#: degree of freedom (2 echoes, or 3 with an intercept)
 RELATIVE_RESIDUAL_LIMIT = 4.0
 #: depth (mm) beyond which the residual is the noise's, away from the edge's partial volumes
 INTERIOR_DEPTH_MM = 8.0
@@ -128,6 +130,8 @@ def quality_limit(residual_rad: np.ndarray, mask: np.ndarray, voxel_size_mm: Seq
     At low SNR noise alone exceeds a fixed limit almost everywhere (the 2 mm head at SNR 15: the interior's
     median residual is 0.063 rad), and peeling by 0.06 rad kept 66 % of the brain (docs/phase-pipeline.md). The
     fixed limit stays where the noise is below it: PDF's local field is sensitive to the edge's partial volumes.
+    A mask with no voxel deeper than :data:`INTERIOR_DEPTH_MM` (the edge of the grid counts as outside) keeps
+    the fixed limit: its residual would be its edge's own.
     """
     vs = check_voxel_size(voxel_size_mm)
     brain = np.asarray(mask, dtype=bool)
@@ -136,14 +140,16 @@ def quality_limit(residual_rad: np.ndarray, mask: np.ndarray, voxel_size_mm: Seq
         raise QSMInputError(f"the relative residual limit must be a number >= 0, got {relative}")
     if residual.shape != brain.shape or not brain.any():
         raise QSMInputError(f"the residual map {residual.shape} must be on the grid of a non-empty mask {brain.shape}")
-    interior = scipy.ndimage.distance_transform_edt(brain, sampling=vs) > INTERIOR_DEPTH_MM
-    typical = float(np.median(residual[interior if interior.any() else brain]))
-    return max(float(residual_limit_rad), float(relative) * typical)
+    depth = scipy.ndimage.distance_transform_edt(np.pad(brain, 1), sampling=vs)[1:-1, 1:-1, 1:-1]
+    interior = depth > INTERIOR_DEPTH_MM
+    if not interior.any():
+        return float(residual_limit_rad)
+    return max(float(residual_limit_rad), float(relative) * float(np.median(residual[interior])))
 
 
-def peel_poor_edges(mask: np.ndarray, residual_rad: np.ndarray, residual_limit_rad: float) -> np.ndarray:
-    """``mask`` without the voxels whose residual exceeds the limit and that reach its edge, peeled layer by
-    layer (at most 8); enclosed ones stay, and the largest part is kept with its holes filled."""
+def poor_edge(mask: np.ndarray, residual_rad: np.ndarray, residual_limit_rad: float) -> np.ndarray:
+    """The voxels of ``mask`` whose residual exceeds the limit and that reach its edge, peeled layer by layer (at
+    most 8; bool): partial volumes with bone, CSF or air. Enclosed ones are not part of it."""
     brain = np.asarray(mask, dtype=bool)
     residual = np.asarray(residual_rad, dtype=np.float64)
     if residual.shape != brain.shape:
@@ -156,4 +162,11 @@ def peel_poor_edges(mask: np.ndarray, residual_rad: np.ndarray, residual_limit_r
         if not peel.any():
             break
         kept &= ~peel
-    return scipy.ndimage.binary_fill_holes(largest_component(kept))
+    return brain & ~kept
+
+
+def peel_poor_edges(mask: np.ndarray, residual_rad: np.ndarray, residual_limit_rad: float) -> np.ndarray:
+    """``mask`` without its :func:`poor_edge`; the largest part is kept with its holes filled."""
+    brain = np.asarray(mask, dtype=bool)
+    return scipy.ndimage.binary_fill_holes(largest_component(brain & ~poor_edge(brain, residual_rad,
+                                                                                residual_limit_rad)))

@@ -12,6 +12,7 @@ returning True.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
@@ -24,12 +25,17 @@ from ..geometry import SUPERIOR, check_voxel_size, unit_vector
 from .background import BACKGROUND_REMOVERS
 from .echo_fit import fit_field, hz_to_ppm, refit_early_echoes
 from .inputs import check_b0, check_echo_times, check_magnitude_series, looks_swapped, phase_to_radians
-from .masking import RELATIVE_RESIDUAL_LIMIT, mask_from_magnitude, peel_poor_edges, quality_limit
+from .masking import RELATIVE_RESIDUAL_LIMIT, largest_component, mask_from_magnitude, poor_edge, quality_limit
 from .offsets import OFFSET_METHODS, remove_phase_offsets
 from .unwrap import UNWRAPPERS, WHOLE_TURN_UNWRAPPERS, unwrap_echoes
 
 #: The stages in order, as reported to ``on_stage`` (front ends size their progress bars with it).
 STAGES = ("inputs", "mask", "offsets", "unwrap", "echo fit", "mask refinement", "background")
+
+
+def _is_real(value: object) -> bool:
+    """A real number, not a bool (True would pass as 1)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
 class PipelineCancelled(Exception):
@@ -63,10 +69,10 @@ class PipelineSettings:
     refine_mask: bool = True
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.residual_limit_rad, (int, float)) and self.residual_limit_rad > 0):
+        if not (_is_real(self.residual_limit_rad) and self.residual_limit_rad > 0):
             raise QSMInputError(f"residual_limit_rad must be a positive number of radians (inf: no limit), got "
                                 f"{self.residual_limit_rad!r}")
-        if not (isinstance(self.relative_residual_limit, (int, float)) and 0 <= self.relative_residual_limit < math.inf):
+        if not (_is_real(self.relative_residual_limit) and 0 <= self.relative_residual_limit < math.inf):
             raise QSMInputError(f"relative_residual_limit must be a number >= 0 (0: the fixed limit alone), got "
                                 f"{self.relative_residual_limit!r}")
         if self.offsets not in OFFSET_METHODS:
@@ -190,34 +196,37 @@ def phase_to_local_field(phase: np.ndarray, magnitude: np.ndarray, echo_times_s:
     intercept = settings.fit_intercept and len(tes) > 1
     fit = fit_field(unwrapped, mag, tes, m, intercept=intercept)
     notes = [f"echo fit: magnitude-weighted, {'with' if intercept else 'no'} intercept"]
-    # the mask's edge voxels whose phase is poor (partial volumes with bone, CSF or air): the refinement peels them,
-    # and refitting them from early echoes made a user's mask's local field worse (docs/phase-pipeline.md)
+    refit = settings.early_echo_refit and len(tes) > 1 and settings.offsets != "none" and not intercept
+    refine = settings.refine_mask and not user_mask and len(tes) > 1
+    if settings.early_echo_refit and len(tes) > 1 and settings.offsets == "none":
+        notes.append("echo fit: no early-echo refit, as the phase offsets were not removed")
     limit = settings.residual_limit_rad
-    if len(tes) > 1 and (intercept or settings.offsets != "none") and settings.unwrap in WHOLE_TURN_UNWRAPPERS:
-        # the typical voxel's residual is its noise: not so when a line through the origin misfits the offsets,
-        # nor after a Laplacian unwrapping, whose phase is smoothed
-        limit = quality_limit(fit.residual_rad, m, vs, limit, settings.relative_residual_limit)
-    inner = m & peel_poor_edges(m, fit.residual_rad, limit) if len(tes) > 1 else m
-    if settings.early_echo_refit and len(tes) > 1:
-        if settings.offsets == "none":
-            notes.append("echo fit: no early-echo refit, as the phase offsets were not removed")
-        elif not intercept:
-            fit, kept = refit_early_echoes(unwrapped, mag, tes, fit, inner, settings.residual_limit_rad)
-            if kept:
-                counts = ", ".join(f"{n} echo{'es' if n > 1 else ''}: {v}"
-                                   for n, v in sorted(kept.items(), reverse=True))
-                notes.append(f"echo fit: {sum(kept.values())} voxels whose phase left the line (residual above "
-                             f"{settings.residual_limit_rad:g} rad and above the noise's) refitted from their early "
-                             f"echoes ({counts}); the mask's poor edge is not refitted")
+    edge = np.zeros_like(m)
+    if refit or refine:
+        if (intercept or settings.offsets != "none") and settings.unwrap in WHOLE_TURN_UNWRAPPERS:
+            # the typical voxel's residual is its noise: not so when a line through the origin misfits the offsets,
+            # nor after a Laplacian unwrapping, whose phase is smoothed
+            limit = quality_limit(fit.residual_rad, m, vs, limit, settings.relative_residual_limit)
+        # the mask's edge voxels whose phase is poor (partial volumes with bone, CSF or air): the refinement peels
+        # them, and refitting them from early echoes made a user's mask's local field worse (docs/phase-pipeline.md)
+        edge = poor_edge(m, fit.residual_rad, limit)
+    if refit:
+        # the noise is estimated on the whole mask, as before the poor edge was left out of the refit
+        fit, kept = refit_early_echoes(unwrapped, mag, tes, fit, m & ~edge, settings.residual_limit_rad, noise_mask=m)
+        if kept:
+            counts = ", ".join(f"{n} echo{'es' if n > 1 else ''}: {v}" for n, v in sorted(kept.items(), reverse=True))
+            notes.append(f"echo fit: {sum(kept.values())} voxels whose phase left the line (residual above "
+                         f"{settings.residual_limit_rad:g} rad and above the noise's) refitted from their early "
+                         f"echoes ({counts}); the mask's poor edge is not refitted")
     total_ppm = hz_to_ppm(fit.field_hz, b0)
     finish("echo fit", started, notes, {"total_field_ppm": total_ppm})
 
     started = time.perf_counter()
     notes = []
-    if settings.refine_mask and not user_mask and len(tes) > 1:
-        # the first mask is the magnitude mask itself: peel its poor edges rather than make it again
+    if refine:
+        # the first mask is the magnitude mask itself: peel its poor edge rather than make it again
         before = int(m.sum())
-        m = inner
+        m = scipy.ndimage.binary_fill_holes(largest_component(m & ~edge))
         notes = [f"mask: {before - int(m.sum())} edge voxels dropped for poor phase quality (echo-fit residual "
                  f"above {limit:.3g} rad)"]
         if settings.mask_erosion_voxels > 0:
