@@ -97,11 +97,11 @@ def refit_early_echoes(unwrapped_rad: np.ndarray, magnitude: np.ndarray, echo_ti
     A voxel of ``mask`` (``None``: everywhere) is off the line when its residual in ``fit`` (all echoes, through
     the origin) is above ``residual_limit_rad`` and above what noise alone would give it. Noise gives a weighted
     residual of sigma sqrt(chi2_{n-1} / sum |S|^2) over n echoes; sigma is estimated from the median residual in
-    ``noise_mask`` (``None``: the mask), and the voxel's :data:`NOISE_QUANTILE` of that is its noise limit. Without it a fixed limit flags
-    noise at low SNR and the refit makes the field noisier (2 mm head at SNR 30: single-step TV 50.3 against 39.1 %
-    without a refit; docs/phase-pipeline.md). An off-line voxel's field is refitted from the first n echoes, for
-    the largest n within both limits, and from the first echo alone when none is (one echo fits any line through
-    the origin). The refitted voxels' reliability is that of the echoes used, so weighted stages trust them less.
+    ``noise_mask`` (``None``: the mask), and the voxel's :data:`NOISE_QUANTILE` of that is its noise limit.
+    Without it a fixed limit flags noise at low SNR and the refit makes the field noisier (2 mm head at SNR 30:
+    single-step TV 50.3 against 39.1 % without a refit; docs/phase-pipeline.md). An off-line voxel's field is
+    refitted from the first n echoes, for the largest n within both limits, and from the first echo alone when none
+    is (one echo fits any line through the origin). The refitted voxels' reliability is that of the echoes used, so weighted stages trust them less.
     ``residual_rad`` stays the all-echo fit's: the mask's phase-quality test reads it.
 
     Returns the new fit and how many voxels kept each number of echoes below all of them ({n: voxels}).

@@ -113,10 +113,10 @@ def mask_from_magnitude(magnitude: np.ndarray, voxel_size_mm: Sequence[float], *
 
 
 #: the phase-quality limit is raised to this many times the median echo-fit residual of the mask's interior
-#: (deeper than :data:`INTERIOR_DEPTH_MM`), where noise dominates it. Empirical: high enough that SNR 100 keeps the
-#: fixed limit (4 mm head: 4 x 0.014 = 0.056 rad < 0.06), and for a voxel of typical signal noise alone passes 4
-#: times its median in under 0.01 % of voxels with 4 echoes (chi-square, 3 degrees of freedom), 0.7 % with one
-#: degree of freedom (2 echoes, or 3 with an intercept)
+#: (deeper than :data:`INTERIOR_DEPTH_MM`), where noise dominates it. Empirical: the largest whole factor with
+#: which SNR 100 keeps the fixed limit (4 mm head: 4 x 0.014 = 0.056 rad < 0.06; 5 would not). For a voxel of
+#: typical signal noise alone passes 4 times its median in under 0.01 % of voxels with 4 echoes (chi-square, 3
+#: degrees of freedom), 0.7 % with one degree of freedom (2 echoes, or 3 with an intercept)
 RELATIVE_RESIDUAL_LIMIT = 4.0
 #: depth (mm) beyond which the residual is the noise's, away from the edge's partial volumes
 INTERIOR_DEPTH_MM = 8.0
