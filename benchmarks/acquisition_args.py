@@ -11,6 +11,8 @@ import pickle
 
 from typing import Optional
 
+import numpy as np
+
 from qsmdip.geometry import b0_tilted_about_i
 from qsmdip.phase.pipeline import FieldResult, PipelineSettings, phase_to_local_field
 from qsmdip.realistic_acquisition import RealisticAcquisition, make_realistic_acquisition
@@ -45,8 +47,9 @@ def acquisition_from_args(args: argparse.Namespace) -> RealisticAcquisition:
                                       b0_dir=b0_tilted_about_i(args.b0_tilt_deg), snr=args.snr)
 
 
-def run_pipeline(acq: RealisticAcquisition, settings: Optional[PipelineSettings] = None) -> FieldResult:
+def run_pipeline(acq: RealisticAcquisition, settings: Optional[PipelineSettings] = None,
+                 mask: Optional[np.ndarray] = None) -> FieldResult:
     """The phase pipeline on the acquisition's own echoes, echo times, B0 and geometry (default settings unless
-    given)."""
+    given; ``mask``: a user's mask, used as given)."""
     return phase_to_local_field(acq.phase_rad, acq.magnitude, acq.echo_times_s, acq.b0_tesla, acq.voxel_size_mm,
-                                b0_dir=acq.b0_dir, settings=settings)
+                                b0_dir=acq.b0_dir, mask=mask, settings=settings)

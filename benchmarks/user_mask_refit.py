@@ -17,10 +17,10 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "QSMDIP"))
 
 from qsmdip.metrics import hfen, nrmse, xsim  # noqa: E402
-from qsmdip.phase.pipeline import PipelineSettings, phase_to_local_field  # noqa: E402
+from qsmdip.phase.pipeline import PipelineSettings  # noqa: E402
 from qsmdip.realistic_acquisition import true_local_field  # noqa: E402
 from qsmdip.solvers import get_solver  # noqa: E402
-from acquisition_args import acquisition_from_args, add_acquisition_arguments  # noqa: E402
+from acquisition_args import acquisition_from_args, add_acquisition_arguments, run_pipeline  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -33,8 +33,7 @@ def main(argv=None) -> None:
     print(f"# {vs} mm, B0 {tuple(round(float(b), 3) for b in b0)}, the true brain mask given as the user's; "
           f"NRMSE % / HFEN % / XSIM in it")
     for refit in (False, True):
-        pipe = phase_to_local_field(acq.phase_rad, acq.magnitude, acq.echo_times_s, acq.b0_tesla, vs, b0_dir=b0,
-                                    mask=mask, settings=PipelineSettings(early_echo_refit=refit))
+        pipe = run_pipeline(acq, PipelineSettings(early_echo_refit=refit), mask=mask)
         for note in pipe.notes:
             if "refitted" in note:
                 print(f"# {note}")

@@ -23,6 +23,7 @@ import scipy.ndimage
 
 from ..errors import QSMInputError
 from ..geometry import check_voxel_size
+from ..solvers.single_step import mask_depth_mm
 
 
 @dataclass
@@ -140,8 +141,7 @@ def quality_limit(residual_rad: np.ndarray, mask: np.ndarray, voxel_size_mm: Seq
         raise QSMInputError(f"the relative residual limit must be a number >= 0, got {relative}")
     if residual.shape != brain.shape or not brain.any():
         raise QSMInputError(f"the residual map {residual.shape} must be on the grid of a non-empty mask {brain.shape}")
-    depth = scipy.ndimage.distance_transform_edt(np.pad(brain, 1), sampling=vs)[1:-1, 1:-1, 1:-1]
-    interior = depth > INTERIOR_DEPTH_MM
+    interior = mask_depth_mm(brain, vs) > INTERIOR_DEPTH_MM
     if not interior.any():
         return float(residual_limit_rad)
     return max(float(residual_limit_rad), float(relative) * float(np.median(residual[interior])))
@@ -165,8 +165,12 @@ def poor_edge(mask: np.ndarray, residual_rad: np.ndarray, residual_limit_rad: fl
     return brain & ~kept
 
 
+def without_edge(mask: np.ndarray, edge: np.ndarray) -> np.ndarray:
+    """``mask`` without the voxels of ``edge`` (its :func:`poor_edge`); the largest part is kept with its holes
+    filled."""
+    return scipy.ndimage.binary_fill_holes(largest_component(np.asarray(mask, dtype=bool) & ~np.asarray(edge, bool)))
+
+
 def peel_poor_edges(mask: np.ndarray, residual_rad: np.ndarray, residual_limit_rad: float) -> np.ndarray:
     """``mask`` without its :func:`poor_edge`; the largest part is kept with its holes filled."""
-    brain = np.asarray(mask, dtype=bool)
-    return scipy.ndimage.binary_fill_holes(largest_component(brain & ~poor_edge(brain, residual_rad,
-                                                                                residual_limit_rad)))
+    return without_edge(mask, poor_edge(mask, residual_rad, residual_limit_rad))

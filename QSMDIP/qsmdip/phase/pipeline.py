@@ -25,7 +25,7 @@ from ..geometry import SUPERIOR, check_voxel_size, unit_vector
 from .background import BACKGROUND_REMOVERS
 from .echo_fit import fit_field, hz_to_ppm, refit_early_echoes
 from .inputs import check_b0, check_echo_times, check_magnitude_series, looks_swapped, phase_to_radians
-from .masking import RELATIVE_RESIDUAL_LIMIT, largest_component, mask_from_magnitude, poor_edge, quality_limit
+from .masking import RELATIVE_RESIDUAL_LIMIT, mask_from_magnitude, poor_edge, quality_limit, without_edge
 from .offsets import OFFSET_METHODS, remove_phase_offsets
 from .unwrap import UNWRAPPERS, WHOLE_TURN_UNWRAPPERS, unwrap_echoes
 
@@ -226,7 +226,7 @@ def phase_to_local_field(phase: np.ndarray, magnitude: np.ndarray, echo_times_s:
     if refine:
         # the first mask is the magnitude mask itself: peel its poor edge rather than make it again
         before = int(m.sum())
-        m = scipy.ndimage.binary_fill_holes(largest_component(m & ~edge))
+        m = without_edge(m, edge)
         notes = [f"mask: {before - int(m.sum())} edge voxels dropped for poor phase quality (echo-fit residual "
                  f"above {limit:.3g} rad)"]
         if settings.mask_erosion_voxels > 0:

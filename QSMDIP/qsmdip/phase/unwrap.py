@@ -279,9 +279,8 @@ UNWRAPPERS: Dict[str, Callable[..., np.ndarray]] = {
     "region-growing": unwrap_region_growing,
 }
 #: the unwrappers that only add whole multiples of 2 pi to the wrapped phase (list a new one here if it does), so
-#: that an echo fit's residual is
-#: the noise's wherever they are right (the Laplacian's is a smooth estimate: its residual in the 2 mm head's
-#: interior is 0.34 rad even without noise)
+#: that an echo fit's residual is the noise's wherever they are right (the Laplacian's is a smooth estimate: its
+#: residual in the 2 mm head's interior is 0.34 rad even without noise)
 WHOLE_TURN_UNWRAPPERS = ("region-growing",)
 
 
