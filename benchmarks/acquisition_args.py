@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import pickle
 
-from typing import Optional
+from typing import List, Optional
 
 import numpy as np
 
@@ -45,6 +45,15 @@ def acquisition_from_args(args: argparse.Namespace) -> RealisticAcquisition:
             return pickle.load(handle)
     return make_realistic_acquisition(voxel_size_mm=(args.voxel_size,) * 3,
                                       b0_dir=b0_tilted_about_i(args.b0_tilt_deg), snr=args.snr)
+
+
+def chosen_runs(parser: argparse.ArgumentParser, text: str, runs) -> List[str]:
+    """The run keys named in ``text`` (comma-separated), in its order; a parser error for one not in ``runs``."""
+    chosen = [key.strip() for key in text.split(",") if key.strip()]
+    unknown = sorted(set(chosen) - set(runs))
+    if unknown:
+        parser.error(f"unknown run(s) {', '.join(unknown)}: use {', '.join(runs)}")
+    return chosen
 
 
 def run_pipeline(acq: RealisticAcquisition, settings: Optional[PipelineSettings] = None,

@@ -33,7 +33,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 from qsmdip.metrics import hfen, nrmse, xsim  # noqa: E402
 from qsmdip.phase.pipeline import PipelineSettings  # noqa: E402
 from qsmdip.realistic_acquisition import true_local_field  # noqa: E402
-from acquisition_args import acquisition_from_args, add_acquisition_arguments, run_pipeline  # noqa: E402
+from acquisition_args import (acquisition_from_args, add_acquisition_arguments, chosen_runs,  # noqa: E402
+                              run_pipeline)
 from qsmdip.solvers import get_solver, make_settings  # noqa: E402
 
 
@@ -69,11 +70,7 @@ def main(argv=None) -> None:
     parser.add_argument("--no-early-echo-refit", action="store_true",
                         help="the pipeline without its early-echo refit of dephased voxels (as before 2026-12-05)")
     args = parser.parse_args(argv)
-    chosen = [key.strip() for key in args.runs.split(",") if key.strip()]
-    chosen = [key for key in chosen if not (args.skip_dip and key == "dip")]
-    unknown = sorted(set(chosen) - set(RUNS))
-    if unknown:
-        parser.error(f"unknown run(s) {', '.join(unknown)}: use {', '.join(RUNS)}")
+    chosen = [key for key in chosen_runs(parser, args.runs, RUNS) if not (args.skip_dip and key == "dip")]
     acq = acquisition_from_args(args)
     vs, b0 = acq.voxel_size_mm, acq.b0_dir
     pipe = run_pipeline(acq, PipelineSettings(early_echo_refit=not args.no_early_echo_refit))
